@@ -1,0 +1,193 @@
+"""``python -m lessons.bench``: the engine against a conventional per-item pipeline.
+
+Measured in the same run, on the same model, batch and optimizer:
+- baseline: a torch DataLoader over the extracted JPEG folder, decoding every item with Pillow
+  (full decode, random resized crop, flip, to tensor, normalise), ``min(8, cores)`` workers;
+- engine: lessons.train with the split preloaded as uint8 on the device and augmentation on the
+  device;
+- first_point_s: from a start request to the first loss point of a new run (data warm);
+- lesson_run_s: one default run of the profile, evaluation included, and its val accuracy.
+
+Where Imagenette cannot be had, the bench uses the generated data set at Imagenette's size
+(9,469 train / 3,925 val images of 160 px) and says so in its output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lessons import data
+from lessons.models import make_model
+from lessons.profiles import get_profile, pick_device
+from lessons.train import OPTIMIZERS, TrainConfig, _param_groups, train
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """The conventional pipeline: one JPEG decoded and augmented per item, on the CPU."""
+
+    def __init__(self, folder, split: str, size: int):
+        self.files, self.labels, _ = data.list_split(folder, split)
+        self.size = size
+        self.mean = np.asarray(data.MEAN, np.float32) * 255
+        self.std = np.asarray(data.STD, np.float32) * 255
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng()
+        with Image.open(self.files[i]) as im:
+            im = im.convert("RGB")
+        w, h = im.size
+        side = min(w, h) * math.sqrt(rng.uniform(0.35, 1.0))
+        left, top = rng.uniform(0, w - side), rng.uniform(0, h - side)
+        im = im.resize((self.size, self.size), Image.BILINEAR,
+                       box=(left, top, left + side, top + side))
+        if rng.random() < 0.5:
+            im = im.transpose(Image.FLIP_LEFT_RIGHT)
+        x = (np.asarray(im, np.float32) - self.mean) / self.std
+        return torch.from_numpy(x.transpose(2, 0, 1).copy()), self.labels[i]
+
+
+def baseline_img_per_s(config: TrainConfig, folder, device: torch.device, steps: int,
+                       warmup: int, workers: int) -> float:
+    ds = FolderDataset(folder, "train", config.size)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=config.batch, shuffle=True, drop_last=True, num_workers=workers,
+        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+    )
+    torch.manual_seed(config.seed)
+    model = make_model(10, config.width, config.depth, config.norm).to(device)
+    model = model.to(memory_format=torch.channels_last)  # as the engine, so only data differs
+    opt = OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
+    cuda = device.type == "cuda"
+    done, t0 = 0, None
+    while done < warmup + steps:
+        for x, y in loader:
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done += 1
+            if done == warmup:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            if done >= warmup + steps:
+                break
+    loss.item()
+    return steps * config.batch / (time.perf_counter() - t0)
+
+
+def engine_img_per_s(config: TrainConfig, ds: data.Dataset) -> float:
+    """Images per second between the first step's loss and the last (both host syncs)."""
+    first = last = None
+    for rec in train(config, dataset=ds):
+        if rec.kind == "train":
+            if first is None:
+                first = (rec.samples, time.perf_counter())
+            last = (rec.samples, time.perf_counter())
+    return (last[0] - first[0]) / (last[1] - first[1])
+
+
+def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        gen = train(config, dataset=ds)
+        next(r for r in gen if r.kind == "train")
+        times.append(time.perf_counter() - t0)
+        gen.close()
+    return statistics.median(times)
+
+
+def run_bench(profile_name: str | None = None, steps: int | None = None,
+              workers: int | None = None, progress: bool = True) -> dict:
+    profile = get_profile(profile_name)
+    device = pick_device()
+    notice = None
+    n_train, n_val, name = profile.n_train, profile.n_val, profile.dataset
+    try:
+        ds = data.load(name, profile.size, device, n_train=n_train, n_val=n_val,
+                       fallback=False, progress=progress)
+    except data.DatasetUnavailable:
+        name = "shapes"
+        n_train, n_val = data.IMAGENETTE_COUNTS["train"], data.IMAGENETTE_COUNTS["val"]
+        notice = ("Imagenette unavailable: measured on the generated data set at Imagenette's "
+                  f"size ({n_train:,} train / {n_val:,} val images, 160 px archive)")
+        ds = data.load(name, profile.size, device, n_train=n_train, n_val=n_val,
+                       progress=progress)
+    base = TrainConfig.from_profile(profile.name, dataset=name, n_train=n_train, n_val=n_val)
+    steps = steps or max(20, min(200, ds.n_train // base.batch))
+    warmup = 5
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    timed = TrainConfig(**{**base.__dict__, "evaluate": False, "max_steps": steps + 1})
+
+    engine_img_per_s(TrainConfig(**{**timed.__dict__, "max_steps": warmup}), ds)  # warm up
+    engine = engine_img_per_s(timed, ds)
+    folder = data.ensure_extracted(Path(ds.extras["archive"]), ds.extras["root_name"])
+    baseline = baseline_img_per_s(base, folder, device, steps, warmup, workers)
+    first = first_point_s(base, ds)
+    t0 = time.perf_counter()
+    records = list(train(base, dataset=ds))
+    lesson_s = time.perf_counter() - t0
+    evals = [r for r in records if r.kind == "eval"]
+    return {
+        "profile": profile.name,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "dataset": ds.name,
+        "notice": notice or ds.notice,
+        "n_train": ds.n_train,
+        "size": profile.size,
+        "batch": base.batch,
+        "steps": steps,
+        "workers": workers,
+        "engine_img_per_s": round(engine, 1),
+        "baseline_img_per_s": round(baseline, 1),
+        "speedup": round(engine / baseline, 2),
+        "first_point_s": round(first, 4),
+        "lesson_run_s": round(lesson_s, 2),
+        "lesson_epochs": base.epochs,
+        "lesson_val_acc": round(evals[-1].val_acc, 4) if evals else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=None, help="gpu | cpu | ci (default: auto)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per pipeline")
+    parser.add_argument("--workers", type=int, default=None, help="baseline loader workers")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    result = run_bench(args.profile, args.steps, args.workers, progress=not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""Small ResNet-style classifiers with a choice of normalisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NORMS = ("batch", "layer", "none")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)  # LayerNorm over (C, H, W), per sample
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+
+
+class ConvBlock(nn.Sequential):
+    def __init__(self, cin: int, cout: int, norm: str, stride: int = 1):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=norm == "none"),
+            norm_layer(norm, cout),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Residual(nn.Module):
+    def __init__(self, channels: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(ConvBlock(channels, channels, norm),
+                                  ConvBlock(channels, channels, norm))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+class ResNet(nn.Module):
+    """Stem, then three stages (width, 2 width, 4 width), each a strided conv block followed
+    by ``depth`` residual blocks; global average pooling and a linear head."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, depth: int = 1,
+                 norm: str = "batch"):
+        super().__init__()
+        if width < 1 or depth < 0:
+            raise ValueError(f"width must be >= 1 and depth >= 0, got {width}, {depth}")
+        layers = [ConvBlock(3, width, norm)]
+        cin = width
+        for i in range(3):
+            cout = width * 2**i
+            layers.append(ConvBlock(cin, cout, norm, stride=2))
+            layers.extend(Residual(cout, norm) for _ in range(depth))
+            cin = cout
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def make_model(num_classes: int = 10, width: int = 32, depth: int = 1,
+               norm: str = "batch") -> ResNet:
+    return ResNet(num_classes, width, depth, norm)

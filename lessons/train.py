@@ -1,0 +1,297 @@
+"""The training engine: ``train(config, stop)`` yields Metrics records as it goes.
+
+The whole split lives on the device as uint8; each step indexes a batch, normalises and
+augments it on the device, and takes an optimizer step. Losses stay on the device and are
+fetched in groups (at most every ``flush_s`` seconds, and on the first step so a plot gets its
+first point at once), so a GPU is not stalled by a host sync per step. The x axis of every
+record is ``samples`` seen, so runs at different batch sizes line up.
+
+A stop event ends the run within one step. A NaN or infinite loss ends it with a "diverged"
+record; the generator never raises for that, so a widget thread can show it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+
+from lessons import data as data_mod
+from lessons.models import NORMS, make_model
+from lessons.profiles import get_profile, pick_device
+
+KINDS = ("train", "eval", "diverged", "stopped", "done")
+
+
+@dataclass
+class Metrics:
+    """One record of a run. ``kind`` is "train" (a step's loss), "eval" (validation at the end
+    of an epoch), "diverged", "stopped" or "done" (the last record of a run)."""
+
+    step: int
+    samples: int
+    epoch: float
+    loss: float | None
+    lr: float
+    batch: int
+    val_loss: float | None = None
+    val_acc: float | None = None
+    kind: str = "train"
+    extras: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Metrics:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs. ``TrainConfig.from_profile()`` fills data set, size, model and
+    run length from a profile; the optimizer settings are the lesson's to choose."""
+
+    lr: float = 0.1
+    batch: int = 64
+    epochs: float = 2
+    optimizer: str = "sgd"  # a key of OPTIMIZERS
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "constant"  # "constant" | "onecycle" (linear warm-up, cosine decay)
+    warmup: float = 0.0  # fraction of the run spent warming up (onecycle)
+    seed: int = 0
+    dataset: str = "shapes"  # "imagenette" | "shapes"
+    size: int = 32
+    n_train: int = 1000
+    n_val: int = 300
+    width: int = 16
+    depth: int = 1
+    norm: str = "batch"
+    augment: bool = True
+    label_smoothing: float = 0.0
+    max_steps: int | None = None
+    evaluate: bool = True
+    device: str | None = None  # None: CUDA, then MPS, then CPU
+    flush_s: float = 0.1  # fetch losses from the device at most this often
+    profile: str | None = None
+
+    @classmethod
+    def from_profile(cls, profile: str | None = None, **overrides) -> TrainConfig:
+        p = get_profile(profile)
+        base = dict(profile=p.name, dataset=p.dataset, size=p.size, epochs=p.epochs,
+                    batch=p.batch, lr=p.lr, width=p.width, depth=p.depth, n_train=p.n_train,
+                    n_val=p.n_val)
+        base.update(overrides)
+        return cls(**base)
+
+    def check(self, n_train: int | None = None) -> None:
+        """Raise ValueError, saying what to change, for a setting that cannot run."""
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a positive number, got {self.lr}")
+        if int(self.batch) != self.batch or self.batch < 1:
+            raise ValueError(f"batch size must be a whole number >= 1, got {self.batch}")
+        if n_train is not None and self.batch > n_train:
+            raise ValueError(f"batch size {self.batch} is larger than the {n_train:,} training "
+                             "images: choose a smaller batch")
+        if not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of "
+                             f"{', '.join(OPTIMIZERS)}")
+        if self.schedule not in ("constant", "onecycle"):
+            raise ValueError(f"schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices and conv kernels only, not on biases and norm scales."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _sgd(c: TrainConfig, groups):
+    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
+
+
+def _adam(c: TrainConfig, groups):
+    return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
+def _adamw(c: TrainConfig, groups):
+    return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
+# name -> factory(config, param_groups); lessons register their optimizers here
+OPTIMIZERS: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+
+
+def lr_multiplier(c: TrainConfig, step: int, total: int) -> float:
+    if c.schedule == "constant":
+        return 1.0
+    warm = max(1, int(c.warmup * total))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def evaluate(model: torch.nn.Module, ds: data_mod.Dataset, batch: int = 1000,
+             autocast: bool = False) -> tuple[float, float]:
+    """Validation loss and accuracy over the whole validation split (one host sync)."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=ds.device)
+    correct = torch.zeros((), device=ds.device, dtype=torch.long)
+    with torch.no_grad(), torch.autocast(ds.device.type, dtype=torch.bfloat16,
+                                         enabled=autocast):
+        for i in range(0, ds.val_x.shape[0], batch):
+            x = data_mod.normalize(ds.val_x[i:i + batch])
+            if ds.device.type in ("cuda", "cpu"):
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = ds.val_y[i:i + batch]
+            out = model(x).float()
+            total_loss += F.cross_entropy(out, y, reduction="sum")
+            correct += (out.argmax(1) == y).sum()
+    model.train(was_training)
+    n = ds.val_x.shape[0]
+    loss, right = torch.stack([total_loss, correct.to(total_loss.dtype)]).tolist()
+    return loss / n, right / n
+
+
+def load_data(c: TrainConfig, device: torch.device, progress: bool = False) -> data_mod.Dataset:
+    return data_mod.load(c.dataset, c.size, device, n_train=c.n_train, n_val=c.n_val,
+                         progress=progress)
+
+
+def train(
+    config: TrainConfig,
+    stop: threading.Event | None = None,
+    dataset: data_mod.Dataset | None = None,
+) -> Iterator[Metrics]:
+    """Train one model, yielding Metrics. See the module docstring for the guarantees."""
+    c = config
+    c.check()
+    device = torch.device(c.device) if c.device else pick_device()
+    ds = dataset if dataset is not None else load_data(c, device)
+    device = ds.device
+    c.check(ds.n_train)
+    cuda = device.type == "cuda"
+    channels_last = device.type in ("cuda", "cpu")  # faster convolutions on both
+    t_start = time.perf_counter()
+
+    torch.manual_seed(c.seed)
+    model = make_model(len(ds.classes), c.width, c.depth, c.norm).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = OPTIMIZERS[c.optimizer](c, _param_groups(model, c.weight_decay))
+    gen = torch.Generator(device=device).manual_seed(c.seed)
+
+    batch = int(c.batch)
+    n = ds.n_train
+    steps_per_epoch = n // batch
+    total = math.ceil(c.epochs * steps_per_epoch)
+    if c.max_steps is not None:
+        total = min(total, c.max_steps)
+    info = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "device": str(device),
+            "dataset": ds.name, "notice": ds.notice}
+
+    step = 0
+    samples = 0
+    pending: list[tuple[int, int, float, float, torch.Tensor]] = []
+    last_flush = 0.0
+
+    def flush() -> Iterator[Metrics]:
+        """Fetch the pending losses in one transfer; a non-finite one ends the run."""
+        nonlocal last_flush
+        if not pending:
+            return
+        values = torch.stack([p[4] for p in pending]).float().tolist()
+        rows = [(*p[:4], v) for p, v in zip(pending, values)]
+        pending.clear()
+        last_flush = time.perf_counter()
+        for s, seen, ep, lr, v in rows:
+            if not math.isfinite(v):
+                yield Metrics(s, seen, ep, v, lr, batch, kind="diverged",
+                              extras={**info, "reason": f"loss became {v} at step {s}"})
+                raise _Diverged
+            yield Metrics(s, seen, ep, v, lr, batch, extras={"total_steps": total}
+                          if s == 1 else {})
+
+    model.train()
+    try:
+        epoch = 0
+        while step < total:
+            perm = torch.randperm(n, generator=gen, device=device)
+            for i in range(steps_per_epoch):
+                if step >= total:
+                    break
+                if stop is not None and stop.is_set():
+                    yield from flush()
+                    yield Metrics(step, samples, step / steps_per_epoch, None, 0.0, batch,
+                                  kind="stopped", extras=info)
+                    return
+                idx = perm[i * batch:(i + 1) * batch]
+                x = data_mod.normalize(ds.train_x[idx])
+                if c.augment:
+                    x = data_mod.augment(x, gen)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                y = ds.train_y[idx]
+                lr = c.lr * lr_multiplier(c, step, total)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    out = model(x)
+                loss = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                samples += batch
+                pending.append((step, samples, step / steps_per_epoch, lr, loss.detach()))
+                if step == 1 or time.perf_counter() - last_flush >= c.flush_s:
+                    yield from flush()
+            epoch += 1
+            yield from flush()
+            if c.evaluate and (step % steps_per_epoch == 0 or step >= total):
+                vl, va = evaluate(model, ds, autocast=cuda)
+                yield Metrics(step, samples, step / steps_per_epoch, None, lr, batch, vl, va,
+                              kind="eval")
+                if not math.isfinite(vl):
+                    yield Metrics(step, samples, step / steps_per_epoch, vl, lr, batch,
+                                  kind="diverged",
+                                  extras={**info, "reason": "validation loss is not finite"})
+                    return
+    except _Diverged:
+        return
+    yield Metrics(step, samples, step / steps_per_epoch, None, 0.0, batch, kind="done",
+                  extras={**info, "seconds": time.perf_counter() - t_start})
+
+
+class _Diverged(Exception):
+    pass
+
+
+def run(config: TrainConfig, **kwargs) -> list[Metrics]:
+    """Train to the end and return every record (for scripts and tests)."""
+    return list(train(config, **kwargs))

@@ -1,0 +1,529 @@
+"""LiveRun: sliders that re-run real training and redraw the loss curves while it runs.
+
+One LiveRun owns: the controls a lesson chooses, Run / Stop / Clear buttons, a status line, a
+progress line (steps done, total, time left) and a figure. Training runs in one background
+thread; a new setting stops the run in flight (within one step) and the newest setting wins, so
+at most one training thread is ever alive. The figure is redrawn at most ~10 times a second,
+each redraw one batched update. Earlier runs stay as faded curves labelled with their settings,
+and every finished run is appended to a JSON-lines log in the cache folder, so overlays survive
+a kernel restart and runs recorded on a GPU can be replayed in class on a CPU.
+
+Two renderers sit behind one interface: plotly's FigureWidget (JupyterLab) and matplotlib
+drawn off-screen into an ipywidgets Image (Colab, or wherever the plotly front end is missing).
+LESSONS_PLOT=plotly|matplotlib picks one; otherwise matplotlib on Colab, plotly elsewhere.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ipywidgets as W
+from tqdm.auto import tqdm
+
+from lessons import data as data_mod
+from lessons.profiles import pick_device
+from lessons.train import Metrics, TrainConfig, load_data, train
+
+COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
+          "#17becf", "#bcbd22", "#7f7f7f"]
+FADED = 0.3
+
+
+@dataclass(frozen=True)
+class Series:
+    """One curve drawn for every run: ``key`` names it in RunRecord.series()."""
+
+    key: str
+    label: str
+    axis: str = "y"  # "y" (left) or "y2" (right)
+    mode: str = "lines"  # "lines" | "lines+markers" | "markers"
+    dash: str = "solid"  # "solid" | "dash" | "dot"
+
+
+DEFAULT_SERIES = (
+    Series("loss", "train loss"),
+    Series("val_loss", "val loss", mode="lines+markers", dash="dash"),
+    Series("val_acc", "val accuracy", axis="y2", mode="lines+markers", dash="dot"),
+)
+
+
+@dataclass
+class RunRecord:
+    """A run's settings and records; what the figure draws and the run log stores."""
+
+    id: int
+    settings: dict
+    label: str
+    records: list[Metrics] = field(default_factory=list)
+    status: str = "running"  # running | done | stopped | diverged | error
+    replayed: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def display_label(self) -> str:
+        """The legend text: settings, and for a run from the log where it ran."""
+        if not self.replayed:
+            return self.label
+        return f"{self.label} (saved, {self.meta.get('device', '?')})"
+
+    def series(self) -> dict[str, tuple[list, list]]:
+        train = [r for r in self.records if r.kind == "train"]
+        evals = [r for r in self.records if r.kind == "eval"]
+        return {
+            "loss": ([r.samples for r in train], [r.loss for r in train]),
+            "val_loss": ([r.samples for r in evals], [r.val_loss for r in evals]),
+            "val_acc": ([r.samples for r in evals], [r.val_acc for r in evals]),
+        }
+
+    def last(self, kind: str) -> Metrics | None:
+        return next((r for r in reversed(self.records) if r.kind == kind), None)
+
+    def to_json(self) -> str:
+        return json.dumps({"settings": self.settings, "label": self.label,
+                           "status": self.status, "meta": self.meta,
+                           "records": [r.to_dict() for r in self.records]})
+
+    @classmethod
+    def from_json(cls, line: str, run_id: int) -> RunRecord:
+        d = json.loads(line)
+        return cls(run_id, d["settings"], d["label"],
+                   [Metrics.from_dict(r) for r in d["records"]], d["status"], True,
+                   d.get("meta", {}))
+
+
+# --------------------------------------------------------------------------- run log
+def run_log_path(name: str) -> Path:
+    return data_mod.data_dir() / "runs" / f"{name}.jsonl"
+
+
+def append_run(path: Path, run: RunRecord) -> None:
+    """Append one line and fsync; a torn last line is skipped on load, never misread."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(run.to_json() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_runs(path: Path, limit: int) -> list[RunRecord]:
+    runs = []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return runs
+    for i, line in enumerate(lines):
+        try:
+            runs.append(RunRecord.from_json(line, -1 - i))
+        except (ValueError, KeyError, TypeError):
+            continue  # a torn or foreign line: skip it
+    return runs[-limit:] if limit else []
+
+
+# --------------------------------------------------------------------------- renderers
+def _on_colab() -> bool:
+    return "google.colab" in sys.modules
+
+
+def choose_renderer(kind: str | None = None) -> str:
+    kind = kind or os.environ.get("LESSONS_PLOT") or ""
+    if kind and kind not in ("plotly", "matplotlib"):
+        raise ValueError(f"LESSONS_PLOT must be 'plotly' or 'matplotlib', got {kind!r}")
+    if kind:
+        return kind
+    if _on_colab():
+        return "matplotlib"
+    try:
+        import anywidget  # noqa: F401  (plotly >= 6 FigureWidget needs it)
+        import plotly.graph_objects  # noqa: F401
+    except ImportError:
+        return "matplotlib"
+    return "plotly"
+
+
+class PlotlyRenderer:
+    """A plotly FigureWidget; each draw() is one batch_update of the changed traces."""
+
+    min_interval = 0.1
+
+    def __init__(self, series: Sequence[Series], xlabel: str, ylabel: str, y2label: str):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        self.series = series
+        base = make_subplots(specs=[[{"secondary_y": True}]])
+        self.fig = go.FigureWidget(base)
+        self.fig.update_layout(height=420, margin=dict(l=60, r=60, t=50, b=50),
+                               legend=dict(orientation="h", y=-0.2), template="plotly_white")
+        self.fig.update_xaxes(title_text=xlabel)
+        self.fig.update_yaxes(title_text=ylabel, secondary_y=False)
+        self.fig.update_yaxes(title_text=y2label, secondary_y=True, range=[0, 1])
+        self.widget = self.fig
+
+    def draw(self, runs: list[RunRecord], title: str) -> None:
+        fig = self.fig
+        wanted = {f"{r.id}:{s.key}" for r in runs for s in self.series}
+        with fig.batch_update():
+            if any(t.meta not in wanted for t in fig.data):
+                fig.data = tuple(t for t in fig.data if t.meta in wanted)
+            have = {t.meta: t for t in fig.data}
+            for i, run in enumerate(runs):
+                active = i == len(runs) - 1 and not run.replayed
+                color = COLORS[run.id % len(COLORS)]
+                data = run.series()
+                for s in self.series:
+                    uid = f"{run.id}:{s.key}"
+                    xs, ys = data.get(s.key, ([], []))
+                    trace = have.get(uid)
+                    if trace is None:
+                        fig.add_scatter(
+                            x=list(xs), y=list(ys), meta=uid, mode=s.mode,
+                            name=run.display_label if s is self.series[0]
+                            else f"{run.display_label} {s.label}",
+                            legendgroup=str(run.id), showlegend=s is self.series[0],
+                            line=dict(color=color, dash=s.dash),
+                            hovertemplate=f"{s.label}: %{{y:.4g}}<br>samples %{{x:,}}",
+                            secondary_y=s.axis == "y2",
+                        )
+                        trace = fig.data[-1]
+                    elif len(trace.x or ()) != len(xs):
+                        trace.x, trace.y = list(xs), list(ys)  # lists: Colab misreads arrays
+                    opacity = 1.0 if active else FADED
+                    if trace.opacity != opacity:
+                        trace.opacity = opacity
+                    trace.line.width = 2.5 if active else 1.5
+            fig.layout.title.text = title
+
+    def traces(self) -> list[dict]:
+        return [{"uid": t.meta, "name": t.name, "points": len(t.x or ()), "opacity": t.opacity}
+                for t in self.fig.data]
+
+
+class MatplotlibRenderer:
+    """matplotlib (Agg, no pyplot) into an ipywidgets Image: works wherever core widgets do."""
+
+    min_interval = 0.25
+
+    def __init__(self, series: Sequence[Series], xlabel: str, ylabel: str, y2label: str):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.series = series
+        self.fig = Figure(figsize=(8.5, 4.2), dpi=90)
+        FigureCanvasAgg(self.fig)
+        self.ax = self.fig.add_subplot()
+        self.ax2 = self.ax.twinx()
+        self.labels = (xlabel, ylabel, y2label)
+        self.widget = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
+        self._traces: list[dict] = []
+
+    def draw(self, runs: list[RunRecord], title: str) -> None:
+        ax, ax2 = self.ax, self.ax2
+        ax.clear()
+        ax2.clear()
+        self._traces = []
+        dashes = {"solid": "-", "dash": "--", "dot": ":"}
+        for i, run in enumerate(runs):
+            active = i == len(runs) - 1 and not run.replayed
+            alpha = 1.0 if active else FADED
+            data = run.series()
+            for s in self.series:
+                xs, ys = data.get(s.key, ([], []))
+                target = ax2 if s.axis == "y2" else ax
+                marker = "o" if "markers" in s.mode else None
+                target.plot(xs, ys, color=COLORS[run.id % len(COLORS)], alpha=alpha,
+                            linestyle=dashes[s.dash] if "lines" in s.mode else "none",
+                            marker=marker, markersize=3, lw=2.2 if active else 1.2,
+                            label=run.display_label if s is self.series[0] else None)
+                self._traces.append({"uid": f"{run.id}:{s.key}", "name": run.display_label,
+                                     "points": len(xs), "opacity": alpha})
+        ax.set_xlabel(self.labels[0])
+        ax.set_ylabel(self.labels[1])
+        ax2.set_ylabel(self.labels[2])
+        ax2.set_ylim(0, 1)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if runs:
+            ax.legend(loc="upper right", fontsize=8)
+        buf = io.BytesIO()
+        self.fig.savefig(buf, format="png")
+        self.widget.value = buf.getvalue()
+
+    def traces(self) -> list[dict]:
+        return list(self._traces)
+
+
+RENDERERS = {"plotly": PlotlyRenderer, "matplotlib": MatplotlibRenderer}
+
+
+# --------------------------------------------------------------------------- LiveRun
+def describe_error(e: BaseException) -> str:
+    """A message that says what happened and what to do."""
+    import torch
+
+    if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+        return ("The GPU ran out of memory: lower the batch size (or restart the kernel to "
+                "free memory held by other notebooks) and run again.")
+    if isinstance(e, data_mod.DataError):
+        return f"The data set is not available: {e}"
+    if isinstance(e, ValueError):
+        return f"Impossible setting: {e}"
+    return f"The run failed ({type(e).__name__}: {e}). Change a setting and run again."
+
+
+class LiveRun:
+    """Controls + Run/Stop/Clear + status + progress + a live figure over lessons.train.
+
+    controls: name -> ipywidgets value widget (use continuous_update=False on sliders).
+    make_config: the controls' values -> TrainConfig (raise ValueError for impossible ones).
+    """
+
+    def __init__(
+        self,
+        controls: dict[str, W.ValueWidget],
+        make_config: Callable[[dict], TrainConfig],
+        *,
+        name: str,
+        title: str = "Loss against samples seen",
+        label: Callable[[dict], str] | None = None,
+        series: Sequence[Series] = DEFAULT_SERIES,
+        xlabel: str = "samples seen",
+        ylabel: str = "loss",
+        y2label: str = "val accuracy",
+        renderer: str | None = None,
+        max_history: int = 6,
+        replay: bool = True,
+        auto_run: bool = True,
+    ):
+        self.name = name
+        self.controls = dict(controls)
+        self.make_config = make_config
+        self.title = title
+        self.label = label or (lambda v: ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()))
+        self.max_history = max_history
+        self.renderer_name = choose_renderer(renderer)
+        self.renderer = RENDERERS[self.renderer_name](series, xlabel, ylabel, y2label)
+        self.log_path = run_log_path(name)
+        self.runs: list[RunRecord] = load_runs(self.log_path, max_history) if replay else []
+        self.redraws = 0  # figure updates sent: each is one batched message
+        self.threads_started = 0
+        self._next_id = 0
+        self._cond = threading.Condition()
+        self._pending: dict | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._busy = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._suppress = False
+        self._subtitle = ""
+        self.last_run: RunRecord | None = None  # the run the last request made (None: none)
+
+        self.run_button = W.Button(description="Run", button_style="primary", icon="play")
+        self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop")
+        self.clear_button = W.Button(description="Clear old runs", icon="eraser")
+        self.status = W.HTML(value="Ready: move a slider or press Run.")
+        self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="40%"))
+        self.progress_text = W.Label(value="")
+        self.run_button.on_click(lambda _: self.request(self.values()))
+        self.stop_button.on_click(lambda _: self.stop())
+        self.clear_button.on_click(lambda _: self.clear())
+        if auto_run:
+            for w in self.controls.values():
+                w.observe(self._on_change, names="value")
+        self.widget = W.VBox([
+            W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")),
+            W.HBox([self.run_button, self.stop_button, self.clear_button]),
+            self.status,
+            W.HBox([self.progress, self.progress_text]),
+            self.renderer.widget,
+        ])
+        self._draw()
+
+    # ---- public API
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def values(self) -> dict:
+        return {k: w.value for k, w in self.controls.items()}
+
+    def request(self, values: dict) -> None:
+        """Start a run with these settings; a run in flight is stopped, the newest wins."""
+        with self._cond:
+            self._pending = dict(values)
+            self._stop.set()
+            self._idle.clear()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._worker, daemon=True,
+                                                name=f"LiveRun-{self.name}")
+                self.threads_started += 1
+                self._thread.start()
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._pending = None
+            self._stop.set()
+
+    def clear(self) -> None:
+        """Forget the faded runs on screen (the run log keeps them)."""
+        with self._cond:
+            self.runs = [r for r in self.runs if r.status == "running"]
+        self._draw()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._idle.wait(timeout)
+
+    def run_blocking(self, timeout: float | None = None, **values) -> RunRecord | None:
+        """Set controls to ``values`` (without triggering), run once, wait, return the run."""
+        self._suppress = True
+        try:
+            for k, v in values.items():
+                if k not in self.controls:
+                    raise ValueError(f"unknown control {k!r}: one of {', '.join(self.controls)}")
+                self.controls[k].value = v
+        finally:
+            self._suppress = False
+        self.request(self.values())
+        if not self.wait(timeout):
+            raise TimeoutError(f"the run did not finish in {timeout} s")
+        return self.last_run
+
+    @property
+    def busy(self) -> bool:
+        return not self._idle.is_set()
+
+    def traces(self) -> list[dict]:
+        return self.renderer.traces()
+
+    # ---- internals
+    def _on_change(self, change) -> None:
+        if not self._suppress:
+            self.request(self.values())
+
+    def _set_status(self, text: str, level: str = "info") -> None:
+        color = {"info": "#333", "ok": "#1a7f37", "warn": "#9a6700", "error": "#cf222e"}[level]
+        self.status.value = f'<span style="color:{color}">{html.escape(text)}</span>'
+
+    def _draw(self) -> None:
+        title = self.title + (f" - {self._subtitle}" if self._subtitle else "")
+        self.renderer.draw(list(self.runs), title)
+        self.redraws += 1
+
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                if self._pending is None:
+                    self._thread = None
+                    self._idle.set()
+                    return
+                values, self._pending = self._pending, None
+                self._stop = threading.Event()
+                stop = self._stop
+            try:
+                self._execute(values, stop)
+            except Exception as e:  # the thread must survive anything a run does
+                self._set_status(describe_error(e), "error")
+                traceback.print_exc(file=sys.stderr)
+
+    def _execute(self, values: dict, stop: threading.Event) -> None:
+        self.last_run = None
+        try:
+            config = self.make_config(values)
+            device = pick_device() if config.device is None else config.device
+            self._set_status(f"Preparing {config.dataset} data on {device}...")
+            ds = load_data(config, device)
+            config.check(ds.n_train)
+        except Exception as e:
+            self._set_status(describe_error(e), "error")
+            return
+        if stop.is_set():
+            return
+        self._subtitle = ds.name + (" - GENERATED DATA, Imagenette unavailable"
+                                    if ds.notice else "")
+        notice = f" NOTICE: {ds.notice}" if ds.notice else ""
+        with self._cond:
+            self._next_id += 1
+            run = RunRecord(self._next_id, dict(values), self.label(values),
+                            meta={"profile": config.profile, "device": str(ds.device),
+                                  "dataset": ds.name, "notice": ds.notice,
+                                  "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            self.runs.append(run)
+            self.last_run = run
+            self._trim()
+        self._set_status(f"Running {run.label} on {ds.device} ({ds.name}).{notice}",
+                         "warn" if notice else "info")
+        t0 = time.perf_counter()
+        last_draw = 0.0
+        total = 1
+        try:
+            for rec in train(config, stop, dataset=ds):
+                run.records.append(rec)
+                total = rec.extras.get("total_steps", total)
+                now = time.perf_counter()
+                if now - last_draw >= self.renderer.min_interval:
+                    self._progress(rec.step, total, now - t0)
+                    self._draw()
+                    last_draw = now
+        except Exception as e:
+            run.status = "error"
+            self._progress(run.records[-1].step if run.records else 0, total,
+                           time.perf_counter() - t0)
+            self._draw()
+            self._set_status(describe_error(e), "error")
+            return
+        last = run.records[-1] if run.records else None
+        kind = last.kind if last else "stopped"
+        run.status = {"done": "done", "diverged": "diverged"}.get(kind, "stopped")
+        self._progress(last.step if last else 0, total, time.perf_counter() - t0)
+        if run.status == "stopped" and not any(r.kind == "train" for r in run.records):
+            with self._cond:  # superseded before its first point: nothing worth keeping
+                self.runs.remove(run)
+        self._draw()
+        secs = time.perf_counter() - t0
+        if run.status == "done":
+            ev = run.last("eval")
+            acc = f": val accuracy {ev.val_acc:.1%}, val loss {ev.val_loss:.3f}" if ev else ""
+            self._set_status(f"Done {run.label} in {secs:.1f} s{acc}.{notice}",
+                             "warn" if notice else "ok")
+        elif run.status == "diverged":
+            self._set_status(f"Diverged ({last.extras.get('reason', 'loss not finite')}) with "
+                             f"{run.label}: lower the learning rate and run again.", "error")
+        elif self._pending is None:
+            self._set_status(f"Stopped {run.label} at step {last.step if last else 0} of "
+                             f"{total}.", "warn")
+        if run.status in ("done", "diverged") or run.status == "stopped" and run.records:
+            try:
+                append_run(self.log_path, run)
+            except OSError as e:
+                self._set_status(f"{self.status.value} (could not save the run log: {e})")
+
+    def _trim(self) -> None:
+        extra = len(self.runs) - self.max_history - 1
+        if extra > 0:
+            del self.runs[:extra]
+
+    def _progress(self, step: int, total: int, elapsed: float) -> None:
+        self.progress.max = max(1, total)
+        self.progress.value = min(step, total)
+        self.progress_text.value = tqdm.format_meter(
+            step, total, elapsed, unit="step",
+            bar_format="{n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}]",
+        )
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
