@@ -53,20 +53,27 @@ class FolderDataset(torch.utils.data.Dataset):
         w, h = im.size
         side = min(w, h) * math.sqrt(rng.uniform(0.35, 1.0))
         left, top = rng.uniform(0, w - side), rng.uniform(0, h - side)
-        im = im.resize((self.size, self.size), Image.BILINEAR,
-                       box=(left, top, left + side, top + side))
+        im = im.resize(
+            (self.size, self.size), Image.BILINEAR, box=(left, top, left + side, top + side)
+        )
         if rng.random() < 0.5:
             im = im.transpose(Image.FLIP_LEFT_RIGHT)
         x = (np.asarray(im, np.float32) - self.mean) / self.std
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), self.labels[i]
 
 
-def baseline_img_per_s(config: TrainConfig, folder, device: torch.device, steps: int,
-                       warmup: int, workers: int) -> float:
+def baseline_img_per_s(
+    config: TrainConfig, folder, device: torch.device, steps: int, warmup: int, workers: int
+) -> float:
     ds = FolderDataset(folder, "train", config.size)
     loader = torch.utils.data.DataLoader(
-        ds, batch_size=config.batch, shuffle=True, drop_last=True, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        ds,
+        batch_size=config.batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
     )
     torch.manual_seed(config.seed)
     model = make_model(10, config.width, config.depth, config.norm).to(device)
@@ -117,22 +124,34 @@ def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> fl
     return statistics.median(times)
 
 
-def run_bench(profile_name: str | None = None, steps: int | None = None,
-              workers: int | None = None, progress: bool = True) -> dict:
+def run_bench(
+    profile_name: str | None = None,
+    steps: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     profile = get_profile(profile_name)
     device = pick_device()
     notice = None
     n_train, n_val, name = profile.n_train, profile.n_val, profile.dataset
     try:
-        ds = data.load(name, profile.size, device, n_train=n_train, n_val=n_val,
-                       fallback=False, progress=progress)
+        ds = data.load(
+            name,
+            profile.size,
+            device,
+            n_train=n_train,
+            n_val=n_val,
+            fallback=False,
+            progress=progress,
+        )
     except data.DatasetUnavailable:
         name = "shapes"
         n_train, n_val = data.IMAGENETTE_COUNTS["train"], data.IMAGENETTE_COUNTS["val"]
-        notice = ("Imagenette unavailable: measured on the generated data set at Imagenette's "
-                  f"size ({n_train:,} train / {n_val:,} val images, 160 px archive)")
-        ds = data.load(name, profile.size, device, n_train=n_train, n_val=n_val,
-                       progress=progress)
+        notice = (
+            "Imagenette unavailable: measured on the generated data set at Imagenette's "
+            f"size ({n_train:,} train / {n_val:,} val images, 160 px archive)"
+        )
+        ds = data.load(name, profile.size, device, n_train=n_train, n_val=n_val, progress=progress)
     base = TrainConfig.from_profile(profile.name, dataset=name, n_train=n_train, n_val=n_val)
     steps = steps or max(20, min(200, ds.n_train // base.batch))
     warmup = 5
@@ -151,7 +170,8 @@ def run_bench(profile_name: str | None = None, steps: int | None = None,
     return {
         "profile": profile.name,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda"
+        "device_name": torch.cuda.get_device_name()
+        if device.type == "cuda"
         else platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,

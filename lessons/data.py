@@ -37,6 +37,22 @@ IMAGENETTE_BYTES = 99_003_388
 IMAGENETTE_MD5 = "e793b78cc4c9e9a4ccc0c1155377a412"
 IMAGENETTE_ROOT = "imagenette2-160"
 IMAGENETTE_COUNTS = {"train": 9_469, "val": 3_925}
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    """Where an archive comes from and how to check it."""
+
+    url: str
+    filename: str
+    bytes: int | None
+    md5: str | None
+    root: str  # the top-level folder inside the archive
+
+
+IMAGENETTE = ArchiveSpec(
+    IMAGENETTE_URL, IMAGENETTE_ARCHIVE, IMAGENETTE_BYTES, IMAGENETTE_MD5, IMAGENETTE_ROOT
+)
 IMAGENETTE_CLASSES = {
     "n01440764": "tench",
     "n02102040": "English springer",
@@ -92,12 +108,13 @@ def md5sum(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def offline_message(url: str, dest: Path, reason: str) -> str:
+def offline_message(url: str, dest: Path, reason: str, size: int | None, md5: str | None) -> str:
+    facts = f" It is {size:,} bytes" if size else ""
+    facts += f" with md5 {md5}." if md5 else ("." if facts else "")
     return (
-        f"Could not download {url} ({reason}). Imagenette is needed for real training. "
-        f"Download it on a machine with internet access and place the file at {dest} "
-        f"(or set LESSONS_DATA to the folder that holds {dest.name}); it is "
-        f"{IMAGENETTE_BYTES:,} bytes with md5 {IMAGENETTE_MD5}."
+        f"Could not download {url} ({reason}). Download it on a machine with internet access "
+        f"and place the file at {dest} (or set LESSONS_DATA to the folder that holds "
+        f"{dest.name}).{facts}"
     )
 
 
@@ -135,10 +152,10 @@ def download(
         if e.code == 416 and size is not None and have == size:
             response = None  # the .part is already complete
         else:
-            raise DatasetUnavailable(offline_message(url, dest, f"HTTP {e.code}")) from e
+            raise DatasetUnavailable(offline_message(url, dest, f"HTTP {e.code}", size, md5)) from e
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise DatasetUnavailable(offline_message(url, dest, str(reason))) from e
+        raise DatasetUnavailable(offline_message(url, dest, str(reason), size, md5)) from e
     if response is not None:
         with response:
             resumed = response.status == 206
@@ -201,15 +218,15 @@ def safe_extract(archive: Path, dest: Path) -> None:
     try:
         tar = tarfile.open(archive, "r:*")
     except (tarfile.TarError, OSError) as e:
-        raise DataError(f"{archive} is not a readable tar archive ({e}); delete it and retry.")
+        raise DataError(f"{archive} is not a readable tar archive ({e}); delete it, retry.") from e
     with tar:
         members = tar.getmembers()
         for m in members:
             parts = Path(m.name).parts
             if m.name.startswith(("/", "\\")) or Path(m.name).is_absolute() or ".." in parts:
-                raise DataError(f"{archive} holds an unsafe path {m.name!r}; refusing to extract.")
+                raise DataError(f"{archive} holds an unsafe path {m.name!r}; not extracting.")
             if not (m.isfile() or m.isdir()):
-                raise DataError(f"{archive} holds a link or device {m.name!r}; refusing to extract.")
+                raise DataError(f"{archive} holds a link or device {m.name!r}; not extracting.")
         tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest.parent))
         try:
             tar.extractall(tmp, members=members, filter="data")
@@ -263,8 +280,14 @@ def decode_split(root: Path, split: str, size: int, progress: bool = True):
         images[i] = load_image(files[i], size)
 
     with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while decoding
-        list(tqdm(pool.map(work, range(len(files))), total=len(files), desc=f"decode {split}",
-                  disable=not progress))
+        list(
+            tqdm(
+                pool.map(work, range(len(files))),
+                total=len(files),
+                desc=f"decode {split}",
+                disable=not progress,
+            )
+        )
     return images, np.asarray(labels, dtype=np.int64), classes
 
 
@@ -408,8 +431,11 @@ def make_shapes_image(kind: str, rng: np.random.Generator, short: int = 160) -> 
         if rng.random() < 0.5:
             draw.ellipse([x - rr, y - rr * 0.6, x + rr, y + rr * 0.6], fill=col)
         else:
-            draw.line([x, y, x + rng.uniform(-40, 40), y + rng.uniform(-40, 40)], fill=col,
-                      width=int(rng.integers(1, 4)))
+            draw.line(
+                [x, y, x + rng.uniform(-40, 40), y + rng.uniform(-40, 40)],
+                fill=col,
+                width=int(rng.integers(1, 4)),
+            )
     r = short * rng.uniform(0.2, 0.34)
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     # a colour that stands out from the background: the complement, jittered
@@ -419,26 +445,34 @@ def make_shapes_image(kind: str, rng: np.random.Generator, short: int = 160) -> 
 
 
 def make_shapes_archive(
-    path: Path, n_train: int = 1000, n_val: int = 300, seed: int = 0, short: int = 160
+    path: Path,
+    n_train: int = 1000,
+    n_val: int = 300,
+    seed: int = 0,
+    short: int = 160,
+    root_name: str = "imagenette-shapes",
+    class_dirs: list[str] | None = None,
 ) -> Path:
     """Write a generated data set as a .tgz with Imagenette's layout:
-    ``imagenette-shapes/{train,val}/<class>/*.JPEG``. Deterministic from ``seed``."""
+    ``<root_name>/{train,val}/<class>/*.JPEG``. Deterministic from ``seed``. ``class_dirs``
+    renames the ten class folders (tests use Imagenette's wnids)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kinds = list(SHAPES_CLASSES)
+    dirs = dict(zip(kinds, class_dirs or kinds, strict=True))
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        root = Path(tmp) / "imagenette-shapes"
+        root = Path(tmp) / root_name
         for split, n, offset in (("train", n_train, 0), ("val", n_val, 1)):
             rng = np.random.default_rng([seed, offset])
             for kind in kinds:
-                (root / split / kind).mkdir(parents=True)
+                (root / split / dirs[kind]).mkdir(parents=True)
             for i in range(n):
                 kind = kinds[i % len(kinds)]
                 im = make_shapes_image(kind, rng, short)
-                im.save(root / split / kind / f"{split}_{i:06d}.JPEG", quality=90)
+                im.save(root / split / dirs[kind] / f"{split}_{i:06d}.JPEG", quality=90)
         tmp_tgz = Path(tmp) / "out.tgz"
         with tarfile.open(tmp_tgz, "w:gz", compresslevel=1) as tar:
-            tar.add(root, arcname="imagenette-shapes")
+            tar.add(root, arcname=root_name)
         os.replace(tmp_tgz, path)
     return path
 
@@ -517,13 +551,6 @@ def shapes_archive(n_train: int, n_val: int, seed: int = 0, root: Path | None = 
     return path
 
 
-def imagenette_archive(root: Path | None = None, url: str = IMAGENETTE_URL,
-                       progress: bool = True) -> Path:
-    root = Path(root) if root else data_dir()
-    return download(url, root / IMAGENETTE_ARCHIVE, IMAGENETTE_MD5, IMAGENETTE_BYTES,
-                    progress=progress)
-
-
 def prepare_arrays(
     name: str,
     size: int,
@@ -533,21 +560,36 @@ def prepare_arrays(
     n_val: int = 300,
     seed: int = 0,
     fallback: bool = True,
-    url: str = IMAGENETTE_URL,
+    source: ArchiveSpec | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict, str | None]:
-    """Numpy arrays of a data set (built and cached on first use) and a fallback notice."""
+    """Numpy arrays of a data set (built and cached on first use) and a fallback notice.
+
+    "imagenette" downloads ``source`` (Imagenette unless a test says otherwise); where that is
+    impossible it falls back to the generated data set with a notice, or raises if
+    ``fallback`` is False."""
     root = Path(root) if root else data_dir()
+    source = source or IMAGENETTE
     notice = None
     if name == "imagenette":
         try:
-            archive = imagenette_archive(root, url, progress)
-            cache = root / f"cache-imagenette2-160-{size}px"
-            arrays, manifest = build_cache(
-                archive, IMAGENETTE_ROOT, size, cache, {"dataset": "imagenette"}, progress
+            archive = download(
+                source.url, root / source.filename, source.md5, source.bytes, progress=progress
             )
-            return arrays, {**manifest, "cache": str(cache), "archive": str(archive),
-                            "root_name": IMAGENETTE_ROOT}, None
+            cache = root / f"cache-{source.filename.removesuffix('.tgz')}-{size}px"
+            arrays, manifest = build_cache(
+                archive, source.root, size, cache, {"dataset": "imagenette"}, progress
+            )
+            return (
+                arrays,
+                {
+                    **manifest,
+                    "cache": str(cache),
+                    "archive": str(archive),
+                    "root_name": source.root,
+                },
+                None,
+            )
         except DatasetUnavailable as e:
             if not fallback:
                 raise
@@ -560,10 +602,19 @@ def prepare_arrays(
         raise ValueError(f"unknown data set {name!r}: use 'imagenette' or 'shapes'")
     archive = shapes_archive(n_train, n_val, seed, root)
     cache = root / f"cache-shapes-{seed}-{n_train}-{n_val}-{size}px"
-    arrays, manifest = build_cache(archive, "imagenette-shapes", size, cache,
-                                   {"dataset": "shapes", "seed": seed}, progress)
-    return arrays, {**manifest, "cache": str(cache), "archive": str(archive),
-                    "root_name": "imagenette-shapes"}, notice
+    arrays, manifest = build_cache(
+        archive, "imagenette-shapes", size, cache, {"dataset": "shapes", "seed": seed}, progress
+    )
+    return (
+        arrays,
+        {
+            **manifest,
+            "cache": str(cache),
+            "archive": str(archive),
+            "root_name": "imagenette-shapes",
+        },
+        notice,
+    )
 
 
 _loaded: dict[tuple, Dataset] = {}
@@ -579,16 +630,23 @@ def load(
     n_val: int = 300,
     seed: int = 0,
     fallback: bool = True,
+    source: ArchiveSpec | None = None,
     progress: bool = True,
 ) -> Dataset:
     """The data set as tensors on ``device``; kept in memory so later runs start at once."""
     device = torch.device(device)
-    key = (name, size, str(device), n_train, n_val, seed, str(data_dir()))
+    key = (name, size, str(device), n_train, n_val, seed, str(data_dir()), source)
     with _load_lock:
         if key in _loaded:
             return _loaded[key]
         arrays, manifest, notice = prepare_arrays(
-            name, size, n_train=n_train, n_val=n_val, seed=seed, fallback=fallback,
+            name,
+            size,
+            n_train=n_train,
+            n_val=n_val,
+            seed=seed,
+            fallback=fallback,
+            source=source,
             progress=progress,
         )
         table = IMAGENETTE_CLASSES if manifest["dataset"] == "imagenette" else SHAPES_CLASSES
@@ -598,7 +656,8 @@ def load(
             return torch.from_numpy(x).to(device).permute(0, 3, 1, 2).contiguous()
 
         ds = Dataset(
-            name="Imagenette (160 px archive)" if manifest["dataset"] == "imagenette"
+            name="Imagenette (160 px archive)"
+            if manifest["dataset"] == "imagenette"
             else "generated shapes (Imagenette layout)",
             classes=classes,
             train_x=to_device(arrays["train_x"]),
@@ -615,10 +674,18 @@ def load(
 
 
 # --------------------------------------------------------------------------- augmentation
+_STATS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalize(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 NCHW -> normalised float."""
-    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
-    std = torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1) * 255
+    """uint8 NCHW -> normalised float. The mean and std live on the device once: building
+    them per call would copy from the host, and so synchronise a GPU, every step."""
+    key = (x.device, dtype)
+    if key not in _STATS:
+        mean = torch.tensor(MEAN, dtype=dtype).view(1, 3, 1, 1) * 255
+        std = torch.tensor(STD, dtype=dtype).view(1, 3, 1, 1) * 255
+        _STATS[key] = (mean.to(x.device), std.to(x.device))
+    mean, std = _STATS[key]
     return (x.to(dtype) - mean) / std
 
 
@@ -640,8 +707,9 @@ def augment(
     theta[:, 1, 1] = scale
     theta[:, 1, 2] = ty
     grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
-    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
-                                           align_corners=False)
+    return torch.nn.functional.grid_sample(
+        x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+    )
 
 
 # --------------------------------------------------------------------------- command line
@@ -656,8 +724,10 @@ def main(argv: list[str] | None = None) -> int:
     _, manifest, notice = prepare_arrays(
         profile.dataset, profile.size, n_train=profile.n_train, n_val=profile.n_val
     )
-    print(f"profile {profile.name}: {manifest['dataset']} at {profile.size}px cached in "
-          f"{manifest['cache']}")
+    print(
+        f"profile {profile.name}: {manifest['dataset']} at {profile.size}px cached in "
+        f"{manifest['cache']}"
+    )
     if notice:
         print("NOTICE:", notice)
     return 0

@@ -30,8 +30,9 @@ class ConvBlock(nn.Sequential):
 class Residual(nn.Module):
     def __init__(self, channels: int, norm: str):
         super().__init__()
-        self.body = nn.Sequential(ConvBlock(channels, channels, norm),
-                                  ConvBlock(channels, channels, norm))
+        self.body = nn.Sequential(
+            ConvBlock(channels, channels, norm), ConvBlock(channels, channels, norm)
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -41,8 +42,7 @@ class ResNet(nn.Module):
     """Stem, then three stages (width, 2 width, 4 width), each a strided conv block followed
     by ``depth`` residual blocks; global average pooling and a linear head."""
 
-    def __init__(self, num_classes: int = 10, width: int = 32, depth: int = 1,
-                 norm: str = "batch"):
+    def __init__(self, num_classes: int = 10, width: int = 32, depth: int = 1, norm: str = "batch"):
         super().__init__()
         if width < 1 or depth < 0:
             raise ValueError(f"width must be >= 1 and depth >= 0, got {width}, {depth}")
@@ -61,6 +61,7 @@ class ResNet(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def make_model(num_classes: int = 10, width: int = 32, depth: int = 1,
-               norm: str = "batch") -> ResNet:
+def make_model(
+    num_classes: int = 10, width: int = 32, depth: int = 1, norm: str = "batch"
+) -> ResNet:
     return ResNet(num_classes, width, depth, norm)

@@ -29,13 +29,41 @@ class Profile:
 
 
 PROFILES = {
-    "gpu": Profile("gpu", "imagenette", size=64, epochs=8, batch=256, lr=0.4, width=64,
-                   depth=1, description="Imagenette 64 px, ResNet width 64 (a GPU)"),
-    "cpu": Profile("cpu", "imagenette", size=32, epochs=3, batch=64, lr=0.05, width=16, depth=1,
-                   description="Imagenette 32 px, ResNet width 16 (a laptop CPU)"),
-    "ci": Profile("ci", "shapes", size=32, epochs=2, batch=64, lr=0.05, width=16, depth=0,
-                  n_train=2000, n_val=500,
-                  description="generated shapes 32 px, 2,000 images (tests, seconds on 2 cores)"),
+    "gpu": Profile(
+        "gpu",
+        "imagenette",
+        size=64,
+        epochs=8,
+        batch=256,
+        lr=0.4,
+        width=64,
+        depth=1,
+        description="Imagenette 64 px, ResNet width 64 (a GPU)",
+    ),
+    "cpu": Profile(
+        "cpu",
+        "imagenette",
+        size=32,
+        epochs=3,
+        batch=64,
+        lr=0.05,
+        width=16,
+        depth=1,
+        description="Imagenette 32 px, ResNet width 16 (a laptop CPU)",
+    ),
+    "ci": Profile(
+        "ci",
+        "shapes",
+        size=32,
+        epochs=2,
+        batch=64,
+        lr=0.05,
+        width=16,
+        depth=0,
+        n_train=2000,
+        n_val=500,
+        description="generated shapes 32 px, 2,000 images (tests, seconds on 2 cores)",
+    ),
 }
 
 
@@ -54,10 +82,14 @@ def pick_device() -> torch.device:
 
 def get_profile(name: str | None = None, **overrides) -> Profile:
     """The named profile, else $LESSONS_PROFILE, else by device; fields can be overridden."""
-    name = name or os.environ.get("LESSONS_PROFILE") or (
-        "gpu" if pick_device().type == "cuda" else "cpu"
+    name = (
+        name
+        or os.environ.get("LESSONS_PROFILE")
+        or ("gpu" if pick_device().type == "cuda" else "cpu")
     )
     if name not in PROFILES:
-        raise ValueError(f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} "
-                         "(or unset LESSONS_PROFILE)")
+        raise ValueError(
+            f"unknown profile {name!r}: choose one of {', '.join(PROFILES)} "
+            "(or unset LESSONS_PROFILE)"
+        )
     return replace(PROFILES[name], **overrides)

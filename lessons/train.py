@@ -88,9 +88,18 @@ class TrainConfig:
     @classmethod
     def from_profile(cls, profile: str | None = None, **overrides) -> TrainConfig:
         p = get_profile(profile)
-        base = dict(profile=p.name, dataset=p.dataset, size=p.size, epochs=p.epochs,
-                    batch=p.batch, lr=p.lr, width=p.width, depth=p.depth, n_train=p.n_train,
-                    n_val=p.n_val)
+        base = dict(
+            profile=p.name,
+            dataset=p.dataset,
+            size=p.size,
+            epochs=p.epochs,
+            batch=p.batch,
+            lr=p.lr,
+            width=p.width,
+            depth=p.depth,
+            n_train=p.n_train,
+            n_val=p.n_val,
+        )
         base.update(overrides)
         return cls(**base)
 
@@ -101,8 +110,10 @@ class TrainConfig:
         if int(self.batch) != self.batch or self.batch < 1:
             raise ValueError(f"batch size must be a whole number >= 1, got {self.batch}")
         if n_train is not None and self.batch > n_train:
-            raise ValueError(f"batch size {self.batch} is larger than the {n_train:,} training "
-                             "images: choose a smaller batch")
+            raise ValueError(
+                f"batch size {self.batch} is larger than the {n_train:,} training "
+                "images: choose a smaller batch"
+            )
         if not self.epochs > 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
         if not 0 <= self.momentum < 1:
@@ -112,8 +123,9 @@ class TrainConfig:
         if self.weight_decay < 0:
             raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of "
-                             f"{', '.join(OPTIMIZERS)}")
+            raise ValueError(
+                f"unknown optimizer {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}"
+            )
         if self.schedule not in ("constant", "onecycle"):
             raise ValueError(f"schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
         if self.norm not in NORMS:
@@ -125,8 +137,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 def _sgd(c: TrainConfig, groups):
@@ -155,20 +169,20 @@ def lr_multiplier(c: TrainConfig, step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def evaluate(model: torch.nn.Module, ds: data_mod.Dataset, batch: int = 1000,
-             autocast: bool = False) -> tuple[float, float]:
+def evaluate(
+    model: torch.nn.Module, ds: data_mod.Dataset, batch: int = 1000, autocast: bool = False
+) -> tuple[float, float]:
     """Validation loss and accuracy over the whole validation split (one host sync)."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=ds.device)
     correct = torch.zeros((), device=ds.device, dtype=torch.long)
-    with torch.no_grad(), torch.autocast(ds.device.type, dtype=torch.bfloat16,
-                                         enabled=autocast):
+    with torch.no_grad(), torch.autocast(ds.device.type, dtype=torch.bfloat16, enabled=autocast):
         for i in range(0, ds.val_x.shape[0], batch):
-            x = data_mod.normalize(ds.val_x[i:i + batch])
+            x = data_mod.normalize(ds.val_x[i : i + batch])
             if ds.device.type in ("cuda", "cpu"):
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = ds.val_y[i:i + batch]
+            y = ds.val_y[i : i + batch]
             out = model(x).float()
             total_loss += F.cross_entropy(out, y, reduction="sum")
             correct += (out.argmax(1) == y).sum()
@@ -179,8 +193,9 @@ def evaluate(model: torch.nn.Module, ds: data_mod.Dataset, batch: int = 1000,
 
 
 def load_data(c: TrainConfig, device: torch.device, progress: bool = False) -> data_mod.Dataset:
-    return data_mod.load(c.dataset, c.size, device, n_train=c.n_train, n_val=c.n_val,
-                         progress=progress)
+    return data_mod.load(
+        c.dataset, c.size, device, n_train=c.n_train, n_val=c.n_val, progress=progress
+    )
 
 
 def train(
@@ -212,8 +227,13 @@ def train(
     total = math.ceil(c.epochs * steps_per_epoch)
     if c.max_steps is not None:
         total = min(total, c.max_steps)
-    info = {"total_steps": total, "steps_per_epoch": steps_per_epoch, "device": str(device),
-            "dataset": ds.name, "notice": ds.notice}
+    info = {
+        "total_steps": total,
+        "steps_per_epoch": steps_per_epoch,
+        "device": str(device),
+        "dataset": ds.name,
+        "notice": ds.notice,
+    }
 
     step = 0
     samples = 0
@@ -231,11 +251,20 @@ def train(
         last_flush = time.perf_counter()
         for s, seen, ep, lr, v in rows:
             if not math.isfinite(v):
-                yield Metrics(s, seen, ep, v, lr, batch, kind="diverged",
-                              extras={**info, "reason": f"loss became {v} at step {s}"})
+                yield Metrics(
+                    s,
+                    seen,
+                    ep,
+                    v,
+                    lr,
+                    batch,
+                    kind="diverged",
+                    extras={**info, "reason": f"loss became {v} at step {s}"},
+                )
                 raise _Diverged
-            yield Metrics(s, seen, ep, v, lr, batch, extras={"total_steps": total}
-                          if s == 1 else {})
+            yield Metrics(
+                s, seen, ep, v, lr, batch, extras={"total_steps": total} if s == 1 else {}
+            )
 
     model.train()
     try:
@@ -247,10 +276,18 @@ def train(
                     break
                 if stop is not None and stop.is_set():
                     yield from flush()
-                    yield Metrics(step, samples, step / steps_per_epoch, None, 0.0, batch,
-                                  kind="stopped", extras=info)
+                    yield Metrics(
+                        step,
+                        samples,
+                        step / steps_per_epoch,
+                        None,
+                        0.0,
+                        batch,
+                        kind="stopped",
+                        extras=info,
+                    )
                     return
-                idx = perm[i * batch:(i + 1) * batch]
+                idx = perm[i * batch : (i + 1) * batch]
                 x = data_mod.normalize(ds.train_x[idx])
                 if c.augment:
                     x = data_mod.augment(x, gen)
@@ -275,17 +312,33 @@ def train(
             yield from flush()
             if c.evaluate and (step % steps_per_epoch == 0 or step >= total):
                 vl, va = evaluate(model, ds, autocast=cuda)
-                yield Metrics(step, samples, step / steps_per_epoch, None, lr, batch, vl, va,
-                              kind="eval")
+                yield Metrics(
+                    step, samples, step / steps_per_epoch, None, lr, batch, vl, va, kind="eval"
+                )
                 if not math.isfinite(vl):
-                    yield Metrics(step, samples, step / steps_per_epoch, vl, lr, batch,
-                                  kind="diverged",
-                                  extras={**info, "reason": "validation loss is not finite"})
+                    yield Metrics(
+                        step,
+                        samples,
+                        step / steps_per_epoch,
+                        vl,
+                        lr,
+                        batch,
+                        kind="diverged",
+                        extras={**info, "reason": "validation loss is not finite"},
+                    )
                     return
     except _Diverged:
         return
-    yield Metrics(step, samples, step / steps_per_epoch, None, 0.0, batch, kind="done",
-                  extras={**info, "seconds": time.perf_counter() - t_start})
+    yield Metrics(
+        step,
+        samples,
+        step / steps_per_epoch,
+        None,
+        0.0,
+        batch,
+        kind="done",
+        extras={**info, "seconds": time.perf_counter() - t_start},
+    )
 
 
 class _Diverged(Exception):

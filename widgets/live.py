@@ -34,8 +34,18 @@ from lessons import data as data_mod
 from lessons.profiles import pick_device
 from lessons.train import Metrics, TrainConfig, load_data, train
 
-COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-          "#17becf", "#bcbd22", "#7f7f7f"]
+COLORS = [
+    "#1f77b4",
+    "#d62728",
+    "#2ca02c",
+    "#ff7f0e",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#17becf",
+    "#bcbd22",
+    "#7f7f7f",
+]
 FADED = 0.3
 
 
@@ -89,16 +99,28 @@ class RunRecord:
         return next((r for r in reversed(self.records) if r.kind == kind), None)
 
     def to_json(self) -> str:
-        return json.dumps({"settings": self.settings, "label": self.label,
-                           "status": self.status, "meta": self.meta,
-                           "records": [r.to_dict() for r in self.records]})
+        return json.dumps(
+            {
+                "settings": self.settings,
+                "label": self.label,
+                "status": self.status,
+                "meta": self.meta,
+                "records": [r.to_dict() for r in self.records],
+            }
+        )
 
     @classmethod
     def from_json(cls, line: str, run_id: int) -> RunRecord:
         d = json.loads(line)
-        return cls(run_id, d["settings"], d["label"],
-                   [Metrics.from_dict(r) for r in d["records"]], d["status"], True,
-                   d.get("meta", {}))
+        return cls(
+            run_id,
+            d["settings"],
+            d["label"],
+            [Metrics.from_dict(r) for r in d["records"]],
+            d["status"],
+            True,
+            d.get("meta", {}),
+        )
 
 
 # --------------------------------------------------------------------------- run log
@@ -162,8 +184,12 @@ class PlotlyRenderer:
         self.series = series
         base = make_subplots(specs=[[{"secondary_y": True}]])
         self.fig = go.FigureWidget(base)
-        self.fig.update_layout(height=420, margin=dict(l=60, r=60, t=50, b=50),
-                               legend=dict(orientation="h", y=-0.2), template="plotly_white")
+        self.fig.update_layout(
+            height=420,
+            margin=dict(l=60, r=60, t=50, b=50),
+            legend=dict(orientation="h", y=-0.2),
+            template="plotly_white",
+        )
         self.fig.update_xaxes(title_text=xlabel)
         self.fig.update_yaxes(title_text=ylabel, secondary_y=False)
         self.fig.update_yaxes(title_text=y2label, secondary_y=True, range=[0, 1])
@@ -186,10 +212,15 @@ class PlotlyRenderer:
                     trace = have.get(uid)
                     if trace is None:
                         fig.add_scatter(
-                            x=list(xs), y=list(ys), meta=uid, mode=s.mode,
-                            name=run.display_label if s is self.series[0]
+                            x=list(xs),
+                            y=list(ys),
+                            meta=uid,
+                            mode=s.mode,
+                            name=run.display_label
+                            if s is self.series[0]
                             else f"{run.display_label} {s.label}",
-                            legendgroup=str(run.id), showlegend=s is self.series[0],
+                            legendgroup=str(run.id),
+                            showlegend=s is self.series[0],
                             line=dict(color=color, dash=s.dash),
                             hovertemplate=f"{s.label}: %{{y:.4g}}<br>samples %{{x:,}}",
                             secondary_y=s.axis == "y2",
@@ -204,8 +235,10 @@ class PlotlyRenderer:
             fig.layout.title.text = title
 
     def traces(self) -> list[dict]:
-        return [{"uid": t.meta, "name": t.name, "points": len(t.x or ()), "opacity": t.opacity}
-                for t in self.fig.data]
+        return [
+            {"uid": t.meta, "name": t.name, "points": len(t.x or ()), "opacity": t.opacity}
+            for t in self.fig.data
+        ]
 
 
 class MatplotlibRenderer:
@@ -240,12 +273,25 @@ class MatplotlibRenderer:
                 xs, ys = data.get(s.key, ([], []))
                 target = ax2 if s.axis == "y2" else ax
                 marker = "o" if "markers" in s.mode else None
-                target.plot(xs, ys, color=COLORS[run.id % len(COLORS)], alpha=alpha,
-                            linestyle=dashes[s.dash] if "lines" in s.mode else "none",
-                            marker=marker, markersize=3, lw=2.2 if active else 1.2,
-                            label=run.display_label if s is self.series[0] else None)
-                self._traces.append({"uid": f"{run.id}:{s.key}", "name": run.display_label,
-                                     "points": len(xs), "opacity": alpha})
+                target.plot(
+                    xs,
+                    ys,
+                    color=COLORS[run.id % len(COLORS)],
+                    alpha=alpha,
+                    linestyle=dashes[s.dash] if "lines" in s.mode else "none",
+                    marker=marker,
+                    markersize=3,
+                    lw=2.2 if active else 1.2,
+                    label=run.display_label if s is self.series[0] else None,
+                )
+                self._traces.append(
+                    {
+                        "uid": f"{run.id}:{s.key}",
+                        "name": run.display_label,
+                        "points": len(xs),
+                        "opacity": alpha,
+                    }
+                )
         ax.set_xlabel(self.labels[0])
         ax.set_ylabel(self.labels[1])
         ax2.set_ylabel(self.labels[2])
@@ -271,8 +317,10 @@ def describe_error(e: BaseException) -> str:
     import torch
 
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
-        return ("The GPU ran out of memory: lower the batch size (or restart the kernel to "
-                "free memory held by other notebooks) and run again.")
+        return (
+            "The GPU ran out of memory: lower the batch size (or restart the kernel to "
+            "free memory held by other notebooks) and run again."
+        )
     if isinstance(e, data_mod.DataError):
         return f"The data set is not available: {e}"
     if isinstance(e, ValueError):
@@ -340,13 +388,15 @@ class LiveRun:
         if auto_run:
             for w in self.controls.values():
                 w.observe(self._on_change, names="value")
-        self.widget = W.VBox([
-            W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")),
-            W.HBox([self.run_button, self.stop_button, self.clear_button]),
-            self.status,
-            W.HBox([self.progress, self.progress_text]),
-            self.renderer.widget,
-        ])
+        self.widget = W.VBox(
+            [
+                W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")),
+                W.HBox([self.run_button, self.stop_button, self.clear_button]),
+                self.status,
+                W.HBox([self.progress, self.progress_text]),
+                self.renderer.widget,
+            ]
+        )
         self._draw()
 
     # ---- public API
@@ -365,8 +415,9 @@ class LiveRun:
             self._stop.set()
             self._idle.clear()
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._worker, daemon=True,
-                                                name=f"LiveRun-{self.name}")
+                self._thread = threading.Thread(
+                    target=self._worker, daemon=True, name=f"LiveRun-{self.name}"
+                )
                 self.threads_started += 1
                 self._thread.start()
             self._cond.notify_all()
@@ -450,20 +501,30 @@ class LiveRun:
             return
         if stop.is_set():
             return
-        self._subtitle = ds.name + (" - GENERATED DATA, Imagenette unavailable"
-                                    if ds.notice else "")
+        self._subtitle = ds.name + (
+            " - GENERATED DATA, Imagenette unavailable" if ds.notice else ""
+        )
         notice = f" NOTICE: {ds.notice}" if ds.notice else ""
         with self._cond:
             self._next_id += 1
-            run = RunRecord(self._next_id, dict(values), self.label(values),
-                            meta={"profile": config.profile, "device": str(ds.device),
-                                  "dataset": ds.name, "notice": ds.notice,
-                                  "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            run = RunRecord(
+                self._next_id,
+                dict(values),
+                self.label(values),
+                meta={
+                    "profile": config.profile,
+                    "device": str(ds.device),
+                    "dataset": ds.name,
+                    "notice": ds.notice,
+                    "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                },
+            )
             self.runs.append(run)
             self.last_run = run
             self._trim()
-        self._set_status(f"Running {run.label} on {ds.device} ({ds.name}).{notice}",
-                         "warn" if notice else "info")
+        self._set_status(
+            f"Running {run.label} on {ds.device} ({ds.name}).{notice}", "warn" if notice else "info"
+        )
         t0 = time.perf_counter()
         last_draw = 0.0
         total = 1
@@ -478,8 +539,9 @@ class LiveRun:
                     last_draw = now
         except Exception as e:
             run.status = "error"
-            self._progress(run.records[-1].step if run.records else 0, total,
-                           time.perf_counter() - t0)
+            self._progress(
+                run.records[-1].step if run.records else 0, total, time.perf_counter() - t0
+            )
             self._draw()
             self._set_status(describe_error(e), "error")
             return
@@ -495,14 +557,19 @@ class LiveRun:
         if run.status == "done":
             ev = run.last("eval")
             acc = f": val accuracy {ev.val_acc:.1%}, val loss {ev.val_loss:.3f}" if ev else ""
-            self._set_status(f"Done {run.label} in {secs:.1f} s{acc}.{notice}",
-                             "warn" if notice else "ok")
+            self._set_status(
+                f"Done {run.label} in {secs:.1f} s{acc}.{notice}", "warn" if notice else "ok"
+            )
         elif run.status == "diverged":
-            self._set_status(f"Diverged ({last.extras.get('reason', 'loss not finite')}) with "
-                             f"{run.label}: lower the learning rate and run again.", "error")
+            self._set_status(
+                f"Diverged ({last.extras.get('reason', 'loss not finite')}) with "
+                f"{run.label}: lower the learning rate and run again.",
+                "error",
+            )
         elif self._pending is None:
-            self._set_status(f"Stopped {run.label} at step {last.step if last else 0} of "
-                             f"{total}.", "warn")
+            self._set_status(
+                f"Stopped {run.label} at step {last.step if last else 0} of {total}.", "warn"
+            )
         if run.status in ("done", "diverged") or run.status == "stopped" and run.records:
             try:
                 append_run(self.log_path, run)
@@ -518,7 +585,10 @@ class LiveRun:
         self.progress.max = max(1, total)
         self.progress.value = min(step, total)
         self.progress_text.value = tqdm.format_meter(
-            step, total, elapsed, unit="step",
+            step,
+            total,
+            elapsed,
+            unit="step",
             bar_format="{n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}]",
         )
 

@@ -15,17 +15,33 @@ def start_here(profile: str | None = None, **kwargs) -> LiveRun:
     """A LiveRun with sliders for the learning rate (log scale) and the batch size."""
     p = get_profile(profile)
     controls = {
-        "lr": W.FloatLogSlider(value=p.lr, base=10, min=-3, max=0.5, step=0.1,
-                               description="learning rate", continuous_update=False,
-                               readout_format=".3g", style={"description_width": "initial"}),
-        "batch": W.SelectionSlider(options=[b for b in BATCHES if b <= p.n_train],
-                                   value=p.batch, description="batch size",
-                                   continuous_update=False,
-                                   style={"description_width": "initial"}),
+        "lr": W.FloatLogSlider(
+            value=p.lr,
+            base=10,
+            min=-3,
+            max=0.5,
+            step=0.1,
+            description="learning rate",
+            continuous_update=False,
+            readout_format=".3g",
+            style={"description_width": "initial"},
+        ),
+        "batch": W.SelectionSlider(
+            options=[b for b in BATCHES if b <= p.n_train],
+            value=p.batch,
+            description="batch size",
+            continuous_update=False,
+            style={"description_width": "initial"},
+        ),
     }
 
     def make_config(v: dict) -> TrainConfig:
         return TrainConfig.from_profile(p.name, lr=float(v["lr"]), batch=int(v["batch"]))
 
-    return LiveRun(controls, make_config, name="00_start_here",
-                   title=f"SGD with momentum 0.9 ({p.name} profile)", **kwargs)
+    return LiveRun(
+        controls,
+        make_config,
+        name="00_start_here",
+        title=f"SGD with momentum 0.9 ({p.name} profile)",
+        **kwargs,
+    )

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# every test runs on the generated data set unless it says otherwise
+os.environ.setdefault("LESSONS_PROFILE", "ci")
+os.environ.setdefault("LESSONS_DEVICE", "cpu")
+if "LESSONS_DATA" not in os.environ:  # `make test` sets one; a bare pytest gets its own
+    os.environ["LESSONS_DATA"] = str(Path(__file__).resolve().parent.parent / ".cache/test-data")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    """An empty, private LESSONS_DATA, and no data set held in memory from earlier tests."""
+    from lessons import data
+
+    root = tmp_path / "data"
+    root.mkdir()
+    monkeypatch.setenv("LESSONS_DATA", str(root))
+    saved = dict(data._loaded)
+    data._loaded.clear()
+    yield root
+    data._loaded.clear()
+    data._loaded.update(saved)
+
+
+@pytest.fixture(scope="session")
+def shapes_ci():
+    """The ci profile's data set on the CPU (built once into the shared test cache)."""
+    from lessons import data
+    from lessons.profiles import get_profile
+
+    p = get_profile("ci")
+    return data.load(p.dataset, p.size, "cpu", n_train=p.n_train, n_val=p.n_val, progress=False)

@@ -1,0 +1,228 @@
+"""LiveRun driven headless, as a user would: set control values, press buttons, read the
+figure and the status line."""
+
+import json
+import threading
+import time
+
+import ipywidgets as W
+import pytest
+
+from lessons.train import TrainConfig
+from widgets import live as live_mod
+from widgets.live import LiveRun
+from widgets.start import start_here
+
+
+@pytest.fixture(autouse=True)
+def private_run_log(tmp_path, monkeypatch):
+    """Each test gets an empty run log."""
+    monkeypatch.setattr(live_mod, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+
+
+def wait_until(cond, timeout=60.0):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.02)
+
+
+def live_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("LiveRun-")]
+
+
+def make_live(renderer="plotly", epochs=1.0, **kw):
+    controls = {
+        "lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=7, continuous_update=False),
+        "batch": W.IntSlider(value=64, min=1, max=100_000, continuous_update=False),
+    }
+
+    def make_config(v):
+        return TrainConfig.from_profile(
+            "ci", device="cpu", lr=v["lr"], batch=v["batch"], epochs=epochs
+        )
+
+    return LiveRun(controls, make_config, name="test", renderer=renderer, **kw)
+
+
+def points(live, key):
+    return {t["uid"]: t for t in live.traces()}.get(key, {}).get("points", 0)
+
+
+def test_moving_a_slider_starts_a_run_and_the_plot_grows():
+    live = start_here()
+    assert live.traces() == []
+    live.controls["lr"].value = 0.03  # what a released slider does
+    wait_until(lambda: live.last_run is not None and points(live, f"{live.last_run.id}:loss"))
+    live.wait(60)
+    run = live.last_run
+    assert run.status == "done" and run.settings["lr"] == pytest.approx(0.03)
+    n_train = sum(r.kind == "train" for r in run.records)
+    assert points(live, f"{run.id}:loss") == n_train > 0
+    n_eval = sum(r.kind == "eval" for r in run.records)
+    assert points(live, f"{run.id}:val_acc") == n_eval == 2  # the ci profile's two epochs
+    assert "Done" in live.status.value and "val accuracy" in live.status.value
+    assert f"{n_train}/{n_train} steps" in live.progress_text.value
+    assert live.progress.value == live.progress.max == n_train
+
+
+def test_quick_changes_keep_one_thread_and_the_last_setting_wins():
+    live = make_live(epochs=20)
+    peak = []
+    watcher_stop = threading.Event()
+
+    def watch():
+        while not watcher_stop.is_set():
+            peak.append(len(live_threads()))
+            time.sleep(0.005)
+
+    threading.Thread(target=watch, daemon=True).start()
+    live.controls["lr"].value = 0.02
+    wait_until(lambda: live.last_run is not None and live.last_run.records)
+    live.controls["lr"].value = 0.01
+    live.controls["batch"].value = 32
+    live.controls["batch"].value = 128  # the last setting
+    wait_until(
+        lambda: (
+            live.last_run is not None
+            and live.last_run.settings["batch"] == 128
+            and live.last_run.records
+        )
+    )
+    live.stop()
+    live.wait(60)
+    watcher_stop.set()
+    assert max(peak) == 1
+    assert live.threads_started == 1  # the same worker took every request
+    runs = {r.settings["batch"]: r for r in live.runs}
+    assert 32 not in runs or not runs[32].records  # superseded before its first point: dropped
+    assert runs[128].settings["lr"] == pytest.approx(0.01)
+    uids = {t["uid"]: t for t in live.traces()}
+    assert uids[f"{runs[128].id}:loss"]["opacity"] == 1.0
+    assert uids[f"{runs[64].id}:loss"]["opacity"] < 1.0  # the first run, faded
+    assert not live_threads()
+
+
+def test_stop_button_stops_and_says_so():
+    live = make_live(epochs=50)
+    live.run_button.click()
+    wait_until(lambda: live.last_run is not None and len(live.last_run.records) > 2)
+    live.stop_button.click()
+    assert live.wait(30)
+    assert live.last_run.status == "stopped"
+    assert "Stopped" in live.status.value
+    assert live.last_run.records[-1].kind == "stopped"
+
+
+def test_diverging_run_is_shown_and_the_widget_stays_usable():
+    live = make_live()
+    run = live.run_blocking(lr=1e6, timeout=60)
+    assert run.status == "diverged"
+    assert "Diverged" in live.status.value and "lower the learning rate" in live.status.value
+    run = live.run_blocking(lr=0.05, timeout=60)
+    assert run.status == "done" and "Done" in live.status.value
+
+
+def test_impossible_setting_is_a_message_not_a_crash():
+    live = make_live()
+    assert live.run_blocking(batch=50_000, timeout=60) is None
+    assert "Impossible setting" in live.status.value and "smaller batch" in live.status.value
+    assert live.run_blocking(batch=64, timeout=60).status == "done"
+
+
+def test_errors_inside_a_run_are_shown(monkeypatch):
+    live = make_live()
+
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+        yield
+
+    monkeypatch.setattr(live_mod, "train", boom)
+    live.run_blocking(timeout=60)
+    assert "out of memory" in live.status.value and "lower the batch size" in live.status.value
+    monkeypatch.undo()
+    assert live.run_blocking(timeout=60).status == "done"
+
+
+def test_missing_dataset_is_a_message(monkeypatch):
+    from lessons import data
+
+    def unavailable(*a, **k):
+        raise data.DataError("archive corrupt: run again to download it afresh")
+
+    monkeypatch.setattr(live_mod, "load_data", unavailable)
+    live = make_live()
+    assert live.run_blocking(timeout=60) is None
+    assert "not available" in live.status.value and "afresh" in live.status.value
+
+
+def test_fallback_data_is_announced_in_status_and_title(monkeypatch, shapes_ci):
+    from dataclasses import replace
+
+    noticed = replace(shapes_ci, notice="Imagenette is not available (offline)")
+    monkeypatch.setattr(live_mod, "load_data", lambda c, d: noticed)
+    live = make_live(renderer="plotly")
+    live.run_blocking(timeout=60)
+    assert "NOTICE" in live.status.value and "offline" in live.status.value
+    assert "GENERATED DATA" in live.renderer.fig.layout.title.text
+
+
+def test_runs_are_logged_and_replayed_faded_after_a_restart():
+    live = make_live()
+    run = live.run_blocking(lr=0.04, timeout=60)
+    path = live.log_path
+    lines = path.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["settings"]["lr"] == pytest.approx(0.04)
+    with open(path, "a") as f:
+        f.write('{"settings": {"lr": 0.1}, "label": "torn')  # a write cut off by a crash
+    fresh = make_live()  # a new kernel, the same log
+    assert len(fresh.runs) == 1
+    replayed = fresh.runs[0]
+    assert replayed.replayed and "saved, cpu" in replayed.display_label
+    n = sum(r.kind == "train" for r in run.records)
+    assert all(t["opacity"] < 1 for t in fresh.traces())
+    assert points(fresh, f"{replayed.id}:loss") == n
+    fresh.clear_button.click()
+    assert fresh.traces() == []
+
+
+def test_both_renderers_draw_the_same_runs():
+    a = make_live(renderer="plotly", replay=False)
+    b = make_live(renderer="matplotlib", replay=False)
+    for live in (a, b):
+        live.run_blocking(lr=0.05, timeout=60)
+        live.run_blocking(lr=0.02, timeout=60)
+    shape = [
+        [(t["uid"].split(":")[1], t["points"], t["opacity"]) for t in live.traces()]
+        for live in (a, b)
+    ]
+    assert shape[0] == shape[1]
+    assert len(shape[0]) == 6 and shape[0][0][2] < 1 and shape[0][-1][2] == 1
+    assert b.renderer.widget.value[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_redraws_are_throttled():
+    live = make_live(epochs=3)
+    t0 = time.perf_counter()
+    run = live.run_blocking(timeout=60)
+    secs = time.perf_counter() - t0
+    steps = sum(r.kind == "train" for r in run.records)
+    # at most one redraw per 0.1 s of running, plus the first and the last
+    assert live.redraws <= secs / 0.1 + 3
+    assert live.redraws < steps
+
+
+def test_renderer_choice(monkeypatch):
+    import sys
+    import types
+
+    monkeypatch.setenv("LESSONS_PLOT", "matplotlib")
+    assert live_mod.choose_renderer() == "matplotlib"
+    monkeypatch.setenv("LESSONS_PLOT", "bokeh")
+    with pytest.raises(ValueError, match="LESSONS_PLOT"):
+        live_mod.choose_renderer()
+    monkeypatch.delenv("LESSONS_PLOT")
+    assert live_mod.choose_renderer() == "plotly"
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert live_mod.choose_renderer() == "matplotlib"

@@ -1,0 +1,88 @@
+"""The course as a product: pins, notebooks stored clean, the shared setup cell, README, CI."""
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+def pins_from_pyproject() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + [
+        r for extra in project["optional-dependencies"].values() for r in extra
+    ]
+    return dict(r.split("==") for r in reqs)
+
+
+def test_every_dependency_is_pinned_and_conda_agrees():
+    pins = pins_from_pyproject()
+    assert pins and all(re.fullmatch(r"\d+(\.\d+)*", v) for v in pins.values())
+    text = (ROOT / "environment.yml").read_text()
+    conda = dict(re.findall(r"^\s+- ([A-Za-z0-9_.-]+)==(\S+)\s*$", text, re.M))
+    assert conda == pins
+
+
+def test_there_is_a_notebook_and_each_is_clean_with_a_kernelspec():
+    assert any(nb.name == "00_start_here.ipynb" for nb in NOTEBOOKS)
+    for nb in NOTEBOOKS:
+        d = json.loads(nb.read_text())
+        assert d["metadata"]["kernelspec"]["name"] == "python3", nb.name
+        for cell in d["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, nb.name
+
+
+def setup_source(nb: Path) -> str:
+    cell = json.loads(nb.read_text())["cells"][0]
+    assert cell["cell_type"] == "code"
+    return "".join(cell["source"])
+
+
+def test_every_notebook_opens_with_the_same_setup_cell():
+    sources = {setup_source(nb) for nb in NOTEBOOKS}
+    assert len(sources) == 1
+    assert "google.colab" in sources.pop()
+
+
+def test_setup_cell_on_colab_installs_without_torch_and_enables_widgets(monkeypatch):
+    calls, enabled = [], []
+    colab = types.ModuleType("google.colab")
+    colab.output = types.SimpleNamespace(enable_custom_widget_manager=lambda: enabled.append(1))
+    google = types.ModuleType("google")
+    google.colab = colab
+    monkeypatch.setitem(sys.modules, "google", google)
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+    exec(setup_source(NOTEBOOKS[0]), {})
+    assert enabled == [1]
+    assert calls and all(c[:4] == [sys.executable, "-m", "pip", "install"] for c in calls)
+    package = next(c for c in calls if any(a.startswith("git+") for a in c))
+    assert "--no-deps" in package  # Colab's own torch stays
+    assert not any("torch" in a for c in calls for a in c)
+
+
+def test_setup_cell_locally_changes_nothing_when_installed(monkeypatch):
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("must not install"))
+    before = list(sys.path)
+    exec(setup_source(NOTEBOOKS[0]), {})
+    assert sys.path == before
+
+
+def test_readme_leads_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^\s*(make \w+)\s*$", readme, re.M)
+    assert commands[:2] == ["make lab", "make test"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test\b", ci, re.M)
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^lab:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    assert "127.0.0.1" in makefile  # JupyterLab listens on loopback only

@@ -1,0 +1,156 @@
+"""The engine: learning, stopping, divergence, repeatability, settings, profiles, models."""
+
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+from lessons import profiles
+from lessons.models import make_model
+from lessons.train import Metrics, TrainConfig, run, train
+
+
+def ci(**kw) -> TrainConfig:
+    return TrainConfig.from_profile("ci", device="cpu", **kw)
+
+
+def losses(records):
+    return [r.loss for r in records if r.kind == "train"]
+
+
+def test_loss_falls_and_accuracy_beats_chance(shapes_ci):
+    records = run(ci(epochs=5), dataset=shapes_ci)
+    assert records[-1].kind == "done"
+    ls = losses(records)
+    head, tail = sum(ls[:10]) / 10, sum(ls[-10:]) / 10
+    assert tail < head - 0.3, (head, tail)
+    evals = [r for r in records if r.kind == "eval"]
+    assert len(evals) == 5 and evals[-1].val_acc > 0.25  # chance is 0.10
+
+
+def test_records_count_samples_steps_and_epochs(shapes_ci):
+    c = ci(batch=50, epochs=2)
+    records = run(c, dataset=shapes_ci)
+    train_recs = [r for r in records if r.kind == "train"]
+    per_epoch = shapes_ci.n_train // 50
+    assert [r.step for r in train_recs] == list(range(1, 2 * per_epoch + 1))
+    assert all(r.samples == 50 * r.step and r.batch == 50 for r in train_recs)
+    assert train_recs[-1].epoch == pytest.approx(2.0)
+    assert [r.step for r in records if r.kind == "eval"] == [per_epoch, 2 * per_epoch]
+
+
+def test_stop_ends_the_run_within_one_step(shapes_ci):
+    stop = threading.Event()
+    seen = []
+    for rec in train(ci(epochs=50, flush_s=0.0), stop, dataset=shapes_ci):
+        seen.append(rec)
+        if rec.kind == "train" and rec.step == 3:
+            stop.set()
+    assert seen[-1].kind == "stopped"
+    assert max(r.step for r in seen) <= 4
+
+
+def test_divergence_is_a_record_not_an_exception(shapes_ci):
+    records = run(ci(lr=1e6, momentum=0.0, epochs=3), dataset=shapes_ci)
+    assert records[-1].kind == "diverged"
+    assert (
+        "loss became" in records[-1].extras["reason"]
+        or "not finite" in (records[-1].extras["reason"])
+    )
+    assert all(r.kind != "done" for r in records)
+
+
+def test_runs_repeat_bit_for_bit_on_cpu(shapes_ci):
+    a = losses(run(ci(max_steps=8), dataset=shapes_ci))
+    b = losses(run(ci(max_steps=8), dataset=shapes_ci))
+    c = losses(run(ci(max_steps=8, seed=1), dataset=shapes_ci))
+    assert a == b
+    assert a != c
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(lr=-1.0), "learning rate"),
+        (dict(lr=float("nan")), "learning rate"),
+        (dict(batch=0), "batch size"),
+        (dict(batch=10**6), "larger than"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(betas=(0.9, 1.0)), "betas"),
+        (dict(optimizer="rmsprop"), "unknown optimizer"),
+        (dict(norm="group"), "norm"),
+    ],
+)
+def test_impossible_settings_raise_a_clear_value_error(shapes_ci, kw, match):
+    with pytest.raises(ValueError, match=match):
+        run(ci(**kw), dataset=shapes_ci)
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
+def test_every_optimizer_trains(shapes_ci, opt):
+    lr = 0.05 if opt == "sgd" else 3e-3
+    ls = losses(run(ci(optimizer=opt, lr=lr, epochs=3), dataset=shapes_ci))
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5
+
+
+def test_weight_decay_skips_biases_and_norm_scales(shapes_ci):
+    from lessons.train import _param_groups
+
+    model = make_model(10, 8, 1, "batch")
+    decay, no_decay = _param_groups(model, 0.1)
+    assert all(p.ndim > 1 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.ndim == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_onecycle_schedule_warms_up_then_decays(shapes_ci):
+    records = run(ci(schedule="onecycle", warmup=0.25, epochs=2), dataset=shapes_ci)
+    lrs = [r.lr for r in records if r.kind == "train"]
+    peak = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(0.05)
+    assert lrs[: peak + 1] == sorted(lrs[: peak + 1]) and lrs[peak:] == sorted(lrs[peak:])[::-1]
+
+
+def test_metrics_round_trip_through_dicts():
+    m = Metrics(3, 192, 0.1, 2.3, 0.05, 64, extras={"a": 1})
+    assert Metrics.from_dict({**m.to_dict(), "unknown": 1}) == m
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer", "none"])
+def test_models_take_any_size(norm):
+    model = make_model(10, 8, 1, norm)
+    for size in (16, 32, 64):
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
+
+
+def test_profiles_chosen_by_env_and_unknown_rejected(monkeypatch):
+    monkeypatch.setenv("LESSONS_PROFILE", "cpu")
+    assert profiles.get_profile().name == "cpu"
+    assert profiles.get_profile("gpu").size >= 64
+    monkeypatch.setenv("LESSONS_PROFILE", "tpu")
+    with pytest.raises(ValueError, match="gpu, cpu, ci"):
+        profiles.get_profile()
+    monkeypatch.delenv("LESSONS_PROFILE")
+    monkeypatch.delenv("LESSONS_DEVICE", raising=False)
+    expect = "gpu" if torch.cuda.is_available() else "cpu"
+    assert profiles.get_profile().name == expect
+
+
+def test_lessons_imports_without_ui_libraries():
+    """lessons/ must work where ipywidgets, plotly and IPython are absent."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('ipywidgets', 'plotly', 'IPython', 'anywidget',\n"
+        "                                  'matplotlib', 'widgets'):\n"
+        "            raise ImportError('blocked ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import lessons.data, lessons.train, lessons.models, lessons.profiles, lessons.bench\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
