@@ -4,7 +4,7 @@ Measured in the same run, on the same model, batch and optimizer:
 - baseline: a torch DataLoader over the extracted JPEG folder, decoding every item with Pillow
   (full decode, random resized crop, flip, to tensor, normalise), ``min(8, cores)`` workers;
 - engine: lessons.train with the split preloaded as uint8 on the device and augmentation on the
-  device;
+  device (the median of three timed runs);
 - first_point_s: from a start request to the first loss point of a new run (data warm);
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy.
 
@@ -21,6 +21,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -153,13 +154,14 @@ def run_bench(
         )
         ds = data.load(name, profile.size, device, n_train=n_train, n_val=n_val, progress=progress)
     base = TrainConfig.from_profile(profile.name, dataset=name, n_train=n_train, n_val=n_val)
-    steps = steps or max(20, min(200, ds.n_train // base.batch))
+    steps = steps or min(300, max(50, 3 * (ds.n_train // base.batch)))
     warmup = 5
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    timed = TrainConfig(**{**base.__dict__, "evaluate": False, "max_steps": steps + 1})
+    # as many epochs as it takes: max_steps ends the timed run
+    timed = replace(base, evaluate=False, max_steps=steps + 1, epochs=10_000)
 
-    engine_img_per_s(TrainConfig(**{**timed.__dict__, "max_steps": warmup}), ds)  # warm up
-    engine = engine_img_per_s(timed, ds)
+    engine_img_per_s(replace(timed, max_steps=4 * warmup), ds)  # warm up
+    engine = statistics.median(engine_img_per_s(timed, ds) for _ in range(3))
     folder = data.ensure_extracted(Path(ds.extras["archive"]), ds.extras["root_name"])
     baseline = baseline_img_per_s(base, folder, device, steps, warmup, workers)
     first = first_point_s(base, ds)

@@ -226,3 +226,15 @@ def test_renderer_choice(monkeypatch):
     assert live_mod.choose_renderer() == "plotly"
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
     assert live_mod.choose_renderer() == "matplotlib"
+
+
+def test_a_rerun_replaces_the_older_curve_of_the_same_settings():
+    live = make_live(replay=False)
+    first = live.run_blocking(lr=0.05, timeout=60)
+    other = live.run_blocking(lr=0.02, timeout=60)
+    again = live.run_blocking(lr=0.05, timeout=60)
+    assert [r.id for r in live.runs] == [other.id, again.id] and first.id not in (
+        other.id,
+        again.id,
+    )
+    assert {t["uid"].split(":")[0] for t in live.traces()} == {str(other.id), str(again.id)}

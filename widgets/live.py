@@ -192,7 +192,15 @@ class PlotlyRenderer:
         )
         self.fig.update_xaxes(title_text=xlabel)
         self.fig.update_yaxes(title_text=ylabel, secondary_y=False)
-        self.fig.update_yaxes(title_text=y2label, secondary_y=True, range=[0, 1])
+        self.fig.update_yaxes(
+            title_text=y2label,
+            secondary_y=True,
+            range=[0, 1],
+            tickmode="linear",
+            tick0=0,
+            dtick=0.2,
+            showgrid=False,
+        )
         self.widget = self.fig
 
     def draw(self, runs: list[RunRecord], title: str) -> None:
@@ -519,6 +527,8 @@ class LiveRun:
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                 },
             )
+            # one curve per setting: a rerun replaces the older curve of the same settings
+            self.runs = [r for r in self.runs if r.label != run.label or r.status == "running"]
             self.runs.append(run)
             self.last_run = run
             self._trim()
