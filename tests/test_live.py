@@ -165,7 +165,7 @@ def test_fallback_data_is_announced_in_status_and_title(monkeypatch, shapes_ci):
     live = make_live(renderer="plotly")
     live.run_blocking(timeout=60)
     assert "NOTICE" in live.status.value and "offline" in live.status.value
-    assert "GENERATED DATA" in live.renderer.fig.layout.title.text
+    assert "GENERATED DATA" in live.figure.title()
 
 
 def test_runs_are_logged_and_replayed_faded_after_a_restart():
@@ -199,7 +199,7 @@ def test_both_renderers_draw_the_same_runs():
     ]
     assert shape[0] == shape[1]
     assert len(shape[0]) == 6 and shape[0][0][2] < 1 and shape[0][-1][2] == 1
-    assert b.renderer.widget.value[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b.figure.widget.value[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_redraws_are_throttled():

@@ -51,13 +51,15 @@ FADED = 0.3
 
 @dataclass(frozen=True)
 class Series:
-    """One curve drawn for every run: ``key`` names it in RunRecord.series()."""
+    """One curve drawn for every run. Its points are ``RunRecord.series()[key]``, or
+    ``compute(run, view)`` where ``view`` holds the values of the redraw-only controls."""
 
     key: str
     label: str
     axis: str = "y"  # "y" (left) or "y2" (right)
     mode: str = "lines"  # "lines" | "lines+markers" | "markers"
     dash: str = "solid"  # "solid" | "dash" | "dot"
+    compute: Callable | None = None
 
 
 DEFAULT_SERIES = (
@@ -172,75 +174,152 @@ def choose_renderer(kind: str | None = None) -> str:
     return "plotly"
 
 
-class PlotlyRenderer:
-    """A plotly FigureWidget; each draw() is one batch_update of the changed traces."""
+@dataclass
+class Trace:
+    """One curve or bar series, identified by ``uid`` across redraws."""
 
-    min_interval = 0.1
+    uid: str
+    x: list
+    y: list
+    name: str = ""
+    kind: str = "line"  # "line" | "bar"
+    mode: str = "lines"  # "lines" | "lines+markers" | "markers"
+    dash: str = "solid"  # "solid" | "dash" | "dot"
+    color: str | None = None
+    opacity: float = 1.0
+    width: float = 2.0
+    axis: str = "y"  # "y" (left) or "y2" (right)
+    showlegend: bool = True
+    group: str | None = None
 
-    def __init__(self, series: Sequence[Series], xlabel: str, ylabel: str, y2label: str):
+
+@dataclass(frozen=True)
+class Mark:
+    """A labelled vertical line, such as a half-life or an effective window."""
+
+    x: float
+    label: str
+    color: str = "#555555"
+    dash: str = "dash"
+
+
+class PlotlyFigure:
+    """A plotly FigureWidget; each draw() is one batch_update that touches only what changed."""
+
+    min_interval = 0.1  # seconds between redraws while a run streams in
+
+    def __init__(
+        self,
+        xlabel: str,
+        ylabel: str,
+        y2label: str | None = None,
+        y2range: tuple | None = (0, 1),
+        height: int = 420,
+    ):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 
-        self.series = series
-        base = make_subplots(specs=[[{"secondary_y": True}]])
+        self._go = go
+        base = make_subplots(specs=[[{"secondary_y": y2label is not None}]])
         self.fig = go.FigureWidget(base)
         self.fig.update_layout(
-            height=420,
+            height=height,
             margin=dict(l=60, r=60, t=50, b=50),
             legend=dict(orientation="h", y=-0.2),
             template="plotly_white",
+            barmode="overlay",
         )
         self.fig.update_xaxes(title_text=xlabel)
         self.fig.update_yaxes(title_text=ylabel, secondary_y=False)
-        self.fig.update_yaxes(
-            title_text=y2label,
-            secondary_y=True,
-            range=[0, 1],
-            tickmode="linear",
-            tick0=0,
-            dtick=0.2,
-            showgrid=False,
-        )
+        if y2label is not None:
+            self.fig.update_yaxes(
+                title_text=y2label,
+                secondary_y=True,
+                range=y2range,
+                showgrid=False,
+                **(dict(tickmode="linear", tick0=0, dtick=0.2) if y2range == (0, 1) else {}),
+            )
         self.widget = self.fig
+        self._sent: dict[str, tuple] = {}
+        self._marks: tuple = ()
 
-    def draw(self, runs: list[RunRecord], title: str) -> None:
+    def draw(self, traces: Sequence[Trace], title: str = "", marks: Sequence[Mark] = ()) -> None:
         fig = self.fig
-        wanted = {f"{r.id}:{s.key}" for r in runs for s in self.series}
+        wanted = {t.uid for t in traces}
         with fig.batch_update():
             if any(t.meta not in wanted for t in fig.data):
                 fig.data = tuple(t for t in fig.data if t.meta in wanted)
+                self._sent = {k: v for k, v in self._sent.items() if k in wanted}
             have = {t.meta: t for t in fig.data}
-            for i, run in enumerate(runs):
-                active = i == len(runs) - 1 and not run.replayed
-                color = COLORS[run.id % len(COLORS)]
-                data = run.series()
-                for s in self.series:
-                    uid = f"{run.id}:{s.key}"
-                    xs, ys = data.get(s.key, ([], []))
-                    trace = have.get(uid)
-                    if trace is None:
-                        fig.add_scatter(
-                            x=list(xs),
-                            y=list(ys),
-                            meta=uid,
-                            mode=s.mode,
-                            name=run.display_label
-                            if s is self.series[0]
-                            else f"{run.display_label} {s.label}",
-                            legendgroup=str(run.id),
-                            showlegend=s is self.series[0],
-                            line=dict(color=color, dash=s.dash),
-                            hovertemplate=f"{s.label}: %{{y:.4g}}<br>samples %{{x:,}}",
-                            secondary_y=s.axis == "y2",
+            for spec in traces:
+                xs, ys = list(spec.x), list(spec.y)  # lists: Colab misreads numpy arrays
+                trace = have.get(spec.uid)
+                if trace is None:
+                    common = dict(
+                        x=xs,
+                        y=ys,
+                        meta=spec.uid,
+                        name=spec.name,
+                        opacity=spec.opacity,
+                        showlegend=spec.showlegend,
+                        legendgroup=spec.group,
+                    )
+                    if spec.kind == "bar":
+                        fig.add_trace(
+                            self._go.Bar(marker_color=spec.color, **common),
+                            secondary_y=spec.axis == "y2" or None,
                         )
-                        trace = fig.data[-1]
-                    elif len(trace.x or ()) != len(xs):
-                        trace.x, trace.y = list(xs), list(ys)  # lists: Colab misreads arrays
-                    opacity = 1.0 if active else FADED
-                    if trace.opacity != opacity:
-                        trace.opacity = opacity
-                    trace.line.width = 2.5 if active else 1.5
-            fig.layout.title.text = title
+                    else:
+                        fig.add_trace(
+                            self._go.Scatter(
+                                mode=spec.mode,
+                                line=dict(color=spec.color, dash=spec.dash, width=spec.width),
+                                **common,
+                            ),
+                            secondary_y=spec.axis == "y2" or None,
+                        )
+                    self._sent[spec.uid] = (xs, ys)
+                    continue
+                if self._sent.get(spec.uid) != (xs, ys):
+                    trace.x, trace.y = xs, ys
+                    self._sent[spec.uid] = (xs, ys)
+                if trace.opacity != spec.opacity:
+                    trace.opacity = spec.opacity
+                if trace.name != spec.name:
+                    trace.name = spec.name
+                if spec.kind != "bar" and trace.line.width != spec.width:
+                    trace.line.width = spec.width
+            marks = tuple(marks)
+            if marks != self._marks:
+                fig.layout.shapes = [
+                    dict(
+                        type="line",
+                        xref="x",
+                        yref="paper",
+                        x0=m.x,
+                        x1=m.x,
+                        y0=0,
+                        y1=1,
+                        line=dict(color=m.color, dash=m.dash),
+                    )
+                    for m in marks
+                ]
+                fig.layout.annotations = [
+                    dict(
+                        x=m.x,
+                        y=1,
+                        xref="x",
+                        yref="paper",
+                        text=m.label,
+                        showarrow=False,
+                        yanchor="bottom",
+                        font=dict(color=m.color, size=11),
+                    )
+                    for m in marks
+                ]
+                self._marks = marks
+            if fig.layout.title.text != title:
+                fig.layout.title.text = title
 
     def traces(self) -> list[dict]:
         return [
@@ -248,66 +327,90 @@ class PlotlyRenderer:
             for t in self.fig.data
         ]
 
+    def marks(self) -> list[dict]:
+        return [{"x": m.x, "label": m.label} for m in self._marks]
 
-class MatplotlibRenderer:
+    def title(self) -> str:
+        return self.fig.layout.title.text or ""
+
+
+class MatplotlibFigure:
     """matplotlib (Agg, no pyplot) into an ipywidgets Image: works wherever core widgets do."""
 
     min_interval = 0.25
 
-    def __init__(self, series: Sequence[Series], xlabel: str, ylabel: str, y2label: str):
+    def __init__(
+        self,
+        xlabel: str,
+        ylabel: str,
+        y2label: str | None = None,
+        y2range: tuple | None = (0, 1),
+        height: int = 420,
+    ):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        self.series = series
-        self.fig = Figure(figsize=(8.5, 4.2), dpi=90)
+        self.fig = Figure(figsize=(8.5, height / 100), dpi=90)
         FigureCanvasAgg(self.fig)
         self.ax = self.fig.add_subplot()
-        self.ax2 = self.ax.twinx()
+        self.ax2 = self.ax.twinx() if y2label is not None else None
         self.labels = (xlabel, ylabel, y2label)
+        self.y2range = y2range
         self.widget = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
         self._traces: list[dict] = []
+        self._marks: list[dict] = []
+        self._title = ""
 
-    def draw(self, runs: list[RunRecord], title: str) -> None:
+    def draw(self, traces: Sequence[Trace], title: str = "", marks: Sequence[Mark] = ()) -> None:
         ax, ax2 = self.ax, self.ax2
         ax.clear()
-        ax2.clear()
-        self._traces = []
+        if ax2 is not None:
+            ax2.clear()
         dashes = {"solid": "-", "dash": "--", "dot": ":"}
-        for i, run in enumerate(runs):
-            active = i == len(runs) - 1 and not run.replayed
-            alpha = 1.0 if active else FADED
-            data = run.series()
-            for s in self.series:
-                xs, ys = data.get(s.key, ([], []))
-                target = ax2 if s.axis == "y2" else ax
-                marker = "o" if "markers" in s.mode else None
+        self._traces = []
+        for t in traces:
+            target = ax2 if t.axis == "y2" and ax2 is not None else ax
+            label = t.name if t.showlegend else None
+            if t.kind == "bar":
+                target.bar(t.x, t.y, color=t.color, alpha=t.opacity, label=label)
+            else:
                 target.plot(
-                    xs,
-                    ys,
-                    color=COLORS[run.id % len(COLORS)],
-                    alpha=alpha,
-                    linestyle=dashes[s.dash] if "lines" in s.mode else "none",
-                    marker=marker,
+                    t.x,
+                    t.y,
+                    color=t.color,
+                    alpha=t.opacity,
+                    lw=t.width * 0.8,
+                    linestyle=dashes[t.dash] if "lines" in t.mode else "none",
+                    marker="o" if "markers" in t.mode else None,
                     markersize=3,
-                    lw=2.2 if active else 1.2,
-                    label=run.display_label if s is self.series[0] else None,
+                    label=label,
                 )
-                self._traces.append(
-                    {
-                        "uid": f"{run.id}:{s.key}",
-                        "name": run.display_label,
-                        "points": len(xs),
-                        "opacity": alpha,
-                    }
-                )
+            self._traces.append(
+                {"uid": t.uid, "name": t.name, "points": len(t.x), "opacity": t.opacity}
+            )
+        for m in marks:
+            ax.axvline(m.x, color=m.color, linestyle=dashes.get(m.dash, "--"), lw=1)
+            ax.annotate(
+                m.label,
+                (m.x, 1),
+                xycoords=("data", "axes fraction"),
+                fontsize=8,
+                color=m.color,
+                ha="center",
+                va="bottom",
+            )
+        self._marks = [{"x": m.x, "label": m.label} for m in marks]
         ax.set_xlabel(self.labels[0])
         ax.set_ylabel(self.labels[1])
-        ax2.set_ylabel(self.labels[2])
-        ax2.set_ylim(0, 1)
-        ax.set_title(title, fontsize=10)
+        if ax2 is not None:
+            ax2.set_ylabel(self.labels[2])
+            if self.y2range:
+                ax2.set_ylim(*self.y2range)
+        ax.set_title(title, fontsize=10, pad=14 if marks else 6)
+        self._title = title
         ax.grid(alpha=0.3)
-        if runs:
-            ax.legend(loc="upper right", fontsize=8)
+        if any(t.showlegend for t in traces):
+            ax.legend(loc="best", fontsize=8)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png")
         self.widget.value = buf.getvalue()
@@ -315,11 +418,21 @@ class MatplotlibRenderer:
     def traces(self) -> list[dict]:
         return list(self._traces)
 
+    def marks(self) -> list[dict]:
+        return list(self._marks)
 
-RENDERERS = {"plotly": PlotlyRenderer, "matplotlib": MatplotlibRenderer}
+    def title(self) -> str:
+        return self._title
 
 
-# --------------------------------------------------------------------------- LiveRun
+FIGURES = {"plotly": PlotlyFigure, "matplotlib": MatplotlibFigure}
+
+
+def make_figure(renderer: str | None = None, **kwargs) -> PlotlyFigure | MatplotlibFigure:
+    """A figure of the chosen renderer (see choose_renderer)."""
+    return FIGURES[choose_renderer(renderer)](**kwargs)
+
+
 def describe_error(e: BaseException) -> str:
     """A message that says what happened and what to do."""
     import torch
@@ -339,8 +452,12 @@ def describe_error(e: BaseException) -> str:
 class LiveRun:
     """Controls + Run/Stop/Clear + status + progress + a live figure over lessons.train.
 
-    controls: name -> ipywidgets value widget (use continuous_update=False on sliders).
+    controls: name -> ipywidgets value widget (use continuous_update=False on sliders);
+        changing one re-runs training.
     make_config: the controls' values -> TrainConfig (raise ValueError for impossible ones).
+    view_controls: name -> widget whose change only redraws (for example a smoothing beta);
+        their values reach Series.compute and ``marks``.
+    marks: (live) -> list of Mark drawn as labelled vertical lines.
     """
 
     def __init__(
@@ -359,6 +476,8 @@ class LiveRun:
         max_history: int = 6,
         replay: bool = True,
         auto_run: bool = True,
+        view_controls: dict[str, W.ValueWidget] | None = None,
+        marks: Callable[[LiveRun], list[Mark]] | None = None,
     ):
         self.name = name
         self.controls = dict(controls)
@@ -366,8 +485,12 @@ class LiveRun:
         self.title = title
         self.label = label or (lambda v: ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()))
         self.max_history = max_history
+        self.series = tuple(series)
+        self.view_controls = dict(view_controls or {})
+        self.marks = marks
         self.renderer_name = choose_renderer(renderer)
-        self.renderer = RENDERERS[self.renderer_name](series, xlabel, ylabel, y2label)
+        self.figure = make_figure(self.renderer_name, xlabel=xlabel, ylabel=ylabel, y2label=y2label)
+        self._draw_lock = threading.Lock()
         self.log_path = run_log_path(name)
         self.runs: list[RunRecord] = load_runs(self.log_path, max_history) if replay else []
         self.redraws = 0  # figure updates sent: each is one batched message
@@ -396,13 +519,18 @@ class LiveRun:
         if auto_run:
             for w in self.controls.values():
                 w.observe(self._on_change, names="value")
+        for w in self.view_controls.values():
+            w.observe(lambda _: self._draw(), names="value")
         self.widget = W.VBox(
             [
-                W.HBox(list(self.controls.values()), layout=W.Layout(flex_flow="row wrap")),
+                W.HBox(
+                    list(self.controls.values()) + list(self.view_controls.values()),
+                    layout=W.Layout(flex_flow="row wrap"),
+                ),
                 W.HBox([self.run_button, self.stop_button, self.clear_button]),
                 self.status,
                 W.HBox([self.progress, self.progress_text]),
-                self.renderer.widget,
+                self.figure.widget,
             ]
         )
         self._draw()
@@ -415,6 +543,9 @@ class LiveRun:
 
     def values(self) -> dict:
         return {k: w.value for k, w in self.controls.items()}
+
+    def view(self) -> dict:
+        return {k: w.value for k, w in self.view_controls.items()}
 
     def request(self, values: dict) -> None:
         """Start a run with these settings; a run in flight is stopped, the newest wins."""
@@ -464,7 +595,7 @@ class LiveRun:
         return not self._idle.is_set()
 
     def traces(self) -> list[dict]:
-        return self.renderer.traces()
+        return self.figure.traces()
 
     # ---- internals
     def _on_change(self, change) -> None:
@@ -476,9 +607,36 @@ class LiveRun:
         self.status.value = f'<span style="color:{color}">{html.escape(text)}</span>'
 
     def _draw(self) -> None:
+        """Redraw every run (thread-safe: the worker and view controls both call it)."""
         title = self.title + (f" - {self._subtitle}" if self._subtitle else "")
-        self.renderer.draw(list(self.runs), title)
-        self.redraws += 1
+        with self._draw_lock:
+            runs, view = list(self.runs), self.view()
+            traces = []
+            for i, run in enumerate(runs):
+                active = i == len(runs) - 1 and not run.replayed
+                data = run.series()
+                for s in self.series:
+                    xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
+                    first = s is self.series[0]
+                    traces.append(
+                        Trace(
+                            uid=f"{run.id}:{s.key}",
+                            x=xs,
+                            y=ys,
+                            name=run.display_label if first else f"{run.display_label} {s.label}",
+                            mode=s.mode,
+                            dash=s.dash,
+                            color=COLORS[run.id % len(COLORS)],
+                            opacity=1.0 if active else FADED,
+                            width=2.5 if active else 1.5,
+                            axis=s.axis,
+                            showlegend=first,
+                            group=str(run.id),
+                        )
+                    )
+            marks = self.marks(self) if self.marks else ()
+            self.figure.draw(traces, title, marks)
+            self.redraws += 1
 
     def _worker(self) -> None:
         while True:
@@ -543,7 +701,7 @@ class LiveRun:
                 run.records.append(rec)
                 total = rec.extras.get("total_steps", total)
                 now = time.perf_counter()
-                if now - last_draw >= self.renderer.min_interval:
+                if now - last_draw >= self.figure.min_interval:
                     self._progress(rec.step, total, now - t0)
                     self._draw()
                     last_draw = now
