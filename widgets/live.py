@@ -60,6 +60,8 @@ class Series:
     mode: str = "lines"  # "lines" | "lines+markers" | "markers"
     dash: str = "solid"  # "solid" | "dash" | "dot"
     compute: Callable | None = None
+    opacity: float = 1.0  # relative: a faint raw curve under a smoothed one
+    width: float = 1.0  # relative line width
 
 
 DEFAULT_SERIES = (
@@ -245,9 +247,12 @@ class PlotlyFigure:
 
     def draw(self, traces: Sequence[Trace], title: str = "", marks: Sequence[Mark] = ()) -> None:
         fig = self.fig
+        # a trace whose kind changed (bars <-> line) is replaced, not updated
         wanted = {t.uid for t in traces}
+        kinds = {t.uid: "bar" if t.kind == "bar" else "scatter" for t in traces}
         with fig.batch_update():
-            if any(t.meta not in wanted for t in fig.data):
+            if any(t.meta not in wanted or t.type != kinds[t.meta] for t in fig.data):
+                wanted = {t.meta for t in fig.data if t.meta in wanted and t.type == kinds[t.meta]}
                 fig.data = tuple(t for t in fig.data if t.meta in wanted)
                 self._sent = {k: v for k, v in self._sent.items() if k in wanted}
             have = {t.meta: t for t in fig.data}
@@ -313,9 +318,10 @@ class PlotlyFigure:
                         text=m.label,
                         showarrow=False,
                         yanchor="bottom",
+                        yshift=14 * (i % 2),  # alternate heights: close marks stay legible
                         font=dict(color=m.color, size=11),
                     )
-                    for m in marks
+                    for i, m in enumerate(marks)
                 ]
                 self._marks = marks
             if fig.layout.title.text != title:
@@ -350,7 +356,7 @@ class MatplotlibFigure:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        self.fig = Figure(figsize=(8.5, height / 100), dpi=90)
+        self.fig = Figure(figsize=(8.5, height / 100), dpi=90, layout="constrained")
         FigureCanvasAgg(self.fig)
         self.ax = self.fig.add_subplot()
         self.ax2 = self.ax.twinx() if y2label is not None else None
@@ -388,11 +394,11 @@ class MatplotlibFigure:
             self._traces.append(
                 {"uid": t.uid, "name": t.name, "points": len(t.x), "opacity": t.opacity}
             )
-        for m in marks:
+        for i, m in enumerate(marks):
             ax.axvline(m.x, color=m.color, linestyle=dashes.get(m.dash, "--"), lw=1)
             ax.annotate(
                 m.label,
-                (m.x, 1),
+                (m.x, 1.0 + 0.05 * (i % 2)),
                 xycoords=("data", "axes fraction"),
                 fontsize=8,
                 color=m.color,
@@ -403,14 +409,20 @@ class MatplotlibFigure:
         ax.set_xlabel(self.labels[0])
         ax.set_ylabel(self.labels[1])
         if ax2 is not None:
+            ax2.yaxis.tick_right()  # clear() moves a twin axis back to the left
+            ax2.yaxis.set_label_position("right")
             ax2.set_ylabel(self.labels[2])
             if self.y2range:
                 ax2.set_ylim(*self.y2range)
-        ax.set_title(title, fontsize=10, pad=14 if marks else 6)
+        ax.set_title(title, fontsize=10, pad=26 if marks else 6)
         self._title = title
         ax.grid(alpha=0.3)
         if any(t.showlegend for t in traces):
-            ax.legend(loc="best", fontsize=8)
+            handles, labels = ax.get_legend_handles_labels()
+            if ax2 is not None:
+                more = ax2.get_legend_handles_labels()
+                handles, labels = handles + more[0], labels + more[1]
+            ax.legend(handles, labels, loc="best", fontsize=8)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png")
         self.widget.value = buf.getvalue()
@@ -612,12 +624,14 @@ class LiveRun:
         with self._draw_lock:
             runs, view = list(self.runs), self.view()
             traces = []
+            # the legend names a run once, on its most prominent curve
+            lead = next((s for s in self.series if s.opacity >= 1), self.series[0])
             for i, run in enumerate(runs):
                 active = i == len(runs) - 1 and not run.replayed
                 data = run.series()
                 for s in self.series:
                     xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
-                    first = s is self.series[0]
+                    first = s is lead
                     traces.append(
                         Trace(
                             uid=f"{run.id}:{s.key}",
@@ -627,8 +641,8 @@ class LiveRun:
                             mode=s.mode,
                             dash=s.dash,
                             color=COLORS[run.id % len(COLORS)],
-                            opacity=1.0 if active else FADED,
-                            width=2.5 if active else 1.5,
+                            opacity=s.opacity * (1.0 if active else FADED),
+                            width=s.width * (2.5 if active else 1.5),
                             axis=s.axis,
                             showlegend=first,
                             group=str(run.id),
