@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from lessons import data as data_mod
 from lessons.models import NORMS, make_model
+from lessons.optim import Lamb
 from lessons.profiles import get_profile, pick_device
 
 KINDS = ("train", "eval", "diverged", "stopped", "done")
@@ -80,6 +81,8 @@ class TrainConfig:
     augment: bool = True
     label_smoothing: float = 0.0
     max_steps: int | None = None
+    opt_options: dict = field(default_factory=dict)  # extra optimizer options (Lamb variants)
+    record_trust: bool = False  # keep the per-tensor trust ratios of a LAMB-like optimizer
     evaluate: bool = True
     device: str | None = None  # None: CUDA, then MPS, then CPU
     flush_s: float = 0.1  # fetch losses from the device at most this often
@@ -155,8 +158,12 @@ def _adamw(c: TrainConfig, groups):
     return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
 
 
+def _lamb(c: TrainConfig, groups):
+    return Lamb(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, **c.opt_options)
+
+
 # name -> factory(config, param_groups); lessons register their optimizers here
-OPTIMIZERS: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw}
+OPTIMIZERS: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw, "lamb": _lamb}
 
 
 def lr_multiplier(c: TrainConfig, step: int, total: int) -> float:
@@ -218,7 +225,9 @@ def train(
     model = make_model(len(ds.classes), c.width, c.depth, c.norm).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    opt = OPTIMIZERS[c.optimizer](c, _param_groups(model, c.weight_decay))
+    groups = _param_groups(model, c.weight_decay)
+    opt = OPTIMIZERS[c.optimizer](c, groups)
+    record_trust = c.record_trust and hasattr(opt, "trust_ratios")
     gen = torch.Generator(device=device).manual_seed(c.seed)
 
     batch = int(c.batch)
@@ -237,7 +246,10 @@ def train(
 
     step = 0
     samples = 0
-    pending: list[tuple[int, int, float, float, torch.Tensor]] = []
+    if record_trust:  # the parameters' names, in the order trust_ratios() reports them
+        names = {id(p): n for n, p in model.named_parameters()}
+        info["trust_names"] = [names[id(p)] for g in groups for p in g["params"]]
+    pending: list[tuple] = []  # (step, samples, epoch, lr, loss on the device, trust or None)
     last_flush = 0.0
 
     def flush() -> Iterator[Metrics]:
@@ -246,10 +258,13 @@ def train(
         if not pending:
             return
         values = torch.stack([p[4] for p in pending]).float().tolist()
-        rows = [(*p[:4], v) for p, v in zip(pending, values)]
+        trusts = (
+            torch.stack([p[5] for p in pending]).tolist() if record_trust else [None] * len(pending)
+        )
+        rows = [(*p[:4], v, q) for p, v, q in zip(pending, values, trusts)]
         pending.clear()
         last_flush = time.perf_counter()
-        for s, seen, ep, lr, v in rows:
+        for s, seen, ep, lr, v, q in rows:
             if not math.isfinite(v):
                 yield Metrics(
                     s,
@@ -262,9 +277,12 @@ def train(
                     extras={**info, "reason": f"loss became {v} at step {s}"},
                 )
                 raise _Diverged
-            yield Metrics(
-                s, seen, ep, v, lr, batch, extras={"total_steps": total} if s == 1 else {}
-            )
+            extras = {"total_steps": total} if s == 1 else {}
+            if q is not None:
+                extras["trust"] = q
+                if s == 1:
+                    extras["trust_names"] = info["trust_names"]
+            yield Metrics(s, seen, ep, v, lr, batch, extras=extras)
 
     model.train()
     try:
@@ -305,7 +323,8 @@ def train(
                 opt.step()
                 step += 1
                 samples += batch
-                pending.append((step, samples, step / steps_per_epoch, lr, loss.detach()))
+                trust = opt.trust_ratios() if record_trust else None
+                pending.append((step, samples, step / steps_per_epoch, lr, loss.detach(), trust))
                 if step == 1 or time.perf_counter() - last_flush >= c.flush_s:
                     yield from flush()
             epoch += 1

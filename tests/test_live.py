@@ -238,3 +238,24 @@ def test_a_rerun_replaces_the_older_curve_of_the_same_settings():
         again.id,
     )
     assert {t["uid"].split(":")[0] for t in live.traces()} == {str(other.id), str(again.id)}
+
+
+def test_a_request_can_train_several_configs_side_by_side():
+    controls = {"lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=0)}
+
+    def make_config(v):
+        return {
+            name: TrainConfig.from_profile("ci", device="cpu", lr=v["lr"], batch=b, epochs=1)
+            for name, b in (("small", 32), ("large", 128))
+        }
+
+    live = LiveRun(controls, make_config, name="group", replay=False)
+    first = live.run_blocking(timeout=60)
+    assert set(first) == {"small", "large"} and first["small"].label.startswith("small: ")
+    assert first["small"].group == first["large"].group
+    second = live.run_blocking(lr=0.02, timeout=60)
+    opacity = {t["uid"]: t["opacity"] for t in live.traces()}
+    assert all(opacity[f"{r.id}:loss"] == 1.0 for r in second.values())
+    assert all(opacity[f"{r.id}:loss"] < 1.0 for r in first.values())
+    assert "small:" in live.status.value and "large:" in live.status.value
+    assert len(live.log_path.read_text().splitlines()) == 4

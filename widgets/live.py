@@ -82,6 +82,8 @@ class RunRecord:
     status: str = "running"  # running | done | stopped | diverged | error
     replayed: bool = False
     meta: dict = field(default_factory=dict)
+    group: int = 0  # runs started by one request (one setting) share a group
+    name: str = ""  # the run's name inside its group ("LAMB", "AdamW"...), "" when alone
 
     @property
     def display_label(self) -> str:
@@ -105,6 +107,7 @@ class RunRecord:
     def to_json(self) -> str:
         return json.dumps(
             {
+                "name": self.name,
                 "settings": self.settings,
                 "label": self.label,
                 "status": self.status,
@@ -124,6 +127,8 @@ class RunRecord:
             d["status"],
             True,
             d.get("meta", {}),
+            group=run_id,  # each saved run stands alone
+            name=d.get("name", ""),
         )
 
 
@@ -217,6 +222,7 @@ class PlotlyFigure:
         y2label: str | None = None,
         y2range: tuple | None = (0, 1),
         height: int = 420,
+        ylog: bool = False,
     ):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -232,7 +238,9 @@ class PlotlyFigure:
             barmode="overlay",
         )
         self.fig.update_xaxes(title_text=xlabel)
-        self.fig.update_yaxes(title_text=ylabel, secondary_y=False)
+        self.fig.update_yaxes(
+            title_text=ylabel, secondary_y=False, type="log" if ylog else "linear"
+        )
         if y2label is not None:
             self.fig.update_yaxes(
                 title_text=y2label,
@@ -352,6 +360,7 @@ class MatplotlibFigure:
         y2label: str | None = None,
         y2range: tuple | None = (0, 1),
         height: int = 420,
+        ylog: bool = False,
     ):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -362,6 +371,7 @@ class MatplotlibFigure:
         self.ax2 = self.ax.twinx() if y2label is not None else None
         self.labels = (xlabel, ylabel, y2label)
         self.y2range = y2range
+        self.ylog = ylog
         self.widget = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
         self._traces: list[dict] = []
         self._marks: list[dict] = []
@@ -408,6 +418,8 @@ class MatplotlibFigure:
         self._marks = [{"x": m.x, "label": m.label} for m in marks]
         ax.set_xlabel(self.labels[0])
         ax.set_ylabel(self.labels[1])
+        if self.ylog and traces:
+            ax.set_yscale("log")
         if ax2 is not None:
             ax2.yaxis.tick_right()  # clear() moves a twin axis back to the left
             ax2.yaxis.set_label_position("right")
@@ -470,6 +482,8 @@ class LiveRun:
     view_controls: name -> widget whose change only redraws (for example a smoothing beta);
         their values reach Series.compute and ``marks``.
     marks: (live) -> list of Mark drawn as labelled vertical lines.
+    panel: (live) -> (traces, title) for a second figure under the first, redrawn with it
+        (for example per-layer trust ratios); panel_axes: its make_figure arguments.
     """
 
     def __init__(
@@ -490,6 +504,8 @@ class LiveRun:
         auto_run: bool = True,
         view_controls: dict[str, W.ValueWidget] | None = None,
         marks: Callable[[LiveRun], list[Mark]] | None = None,
+        panel: Callable[[LiveRun], tuple[list[Trace], str]] | None = None,
+        panel_axes: dict | None = None,
     ):
         self.name = name
         self.controls = dict(controls)
@@ -502,12 +518,16 @@ class LiveRun:
         self.marks = marks
         self.renderer_name = choose_renderer(renderer)
         self.figure = make_figure(self.renderer_name, xlabel=xlabel, ylabel=ylabel, y2label=y2label)
+        self.panel = panel
+        self.panel_figure = make_figure(self.renderer_name, **(panel_axes or {})) if panel else None
         self._draw_lock = threading.Lock()
         self.log_path = run_log_path(name)
         self.runs: list[RunRecord] = load_runs(self.log_path, max_history) if replay else []
         self.redraws = 0  # figure updates sent: each is one batched message
         self.threads_started = 0
         self._next_id = 0
+        self._group = 0
+        self.last_group: dict[str, RunRecord] = {}  # the runs of the last request, by name
         self._cond = threading.Condition()
         self._pending: dict | None = None
         self._stop = threading.Event()
@@ -543,6 +563,7 @@ class LiveRun:
                 self.status,
                 W.HBox([self.progress, self.progress_text]),
                 self.figure.widget,
+                *([self.panel_figure.widget] if self.panel_figure else []),
             ]
         )
         self._draw()
@@ -587,8 +608,9 @@ class LiveRun:
     def wait(self, timeout: float | None = None) -> bool:
         return self._idle.wait(timeout)
 
-    def run_blocking(self, timeout: float | None = None, **values) -> RunRecord | None:
-        """Set controls to ``values`` (without triggering), run once, wait, return the run."""
+    def run_blocking(self, timeout: float | None = None, **values):
+        """Set controls to ``values`` (without triggering), run once and wait. Returns the run
+        (None if none started), or {name: run} when the request trained several configs."""
         self._suppress = True
         try:
             for k, v in values.items():
@@ -600,6 +622,8 @@ class LiveRun:
         self.request(self.values())
         if not self.wait(timeout):
             raise TimeoutError(f"the run did not finish in {timeout} s")
+        if len(self.last_group) > 1:
+            return dict(self.last_group)
         return self.last_run
 
     @property
@@ -626,8 +650,9 @@ class LiveRun:
             traces = []
             # the legend names a run once, on its most prominent curve
             lead = next((s for s in self.series if s.opacity >= 1), self.series[0])
-            for i, run in enumerate(runs):
-                active = i == len(runs) - 1 and not run.replayed
+            newest = max((r.group for r in runs if not r.replayed), default=None)
+            for run in runs:
+                active = run.group == newest and not run.replayed
                 data = run.series()
                 for s in self.series:
                     xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
@@ -650,6 +675,8 @@ class LiveRun:
                     )
             marks = self.marks(self) if self.marks else ()
             self.figure.draw(traces, title, marks)
+            if self.panel_figure is not None:
+                self.panel_figure.draw(*self.panel(self))
             self.redraws += 1
 
     def _worker(self) -> None:
@@ -669,28 +696,64 @@ class LiveRun:
                 traceback.print_exc(file=sys.stderr)
 
     def _execute(self, values: dict, stop: threading.Event) -> None:
-        self.last_run = None
+        """One request: one run, or several side by side when make_config returns a dict."""
+        self.last_run, self.last_group = None, {}
         try:
-            config = self.make_config(values)
-            device = pick_device() if config.device is None else config.device
-            self._set_status(f"Preparing {config.dataset} data on {device}...")
-            ds = load_data(config, device)
-            config.check(ds.n_train)
+            made = self.make_config(values)
+            configs = made if isinstance(made, dict) else {"": made}
+            first = next(iter(configs.values()))
+            device = pick_device() if first.device is None else first.device
+            self._set_status(f"Preparing {first.dataset} data on {device}...")
+            data = {name: load_data(c, device) for name, c in configs.items()}
+            for name, c in configs.items():
+                c.check(data[name].n_train)
         except Exception as e:
             self._set_status(describe_error(e), "error")
             return
-        if stop.is_set():
-            return
+        self._group += 1
+        t0 = time.perf_counter()
+        for i, (name, config) in enumerate(configs.items()):
+            if stop.is_set():
+                break
+            run = self._train_one(
+                values,
+                name,
+                config,
+                data[name],
+                stop,
+                f" ({i + 1} of {len(configs)})" if len(configs) > 1 else "",
+            )
+            if run is None or run.status in ("error", "stopped"):
+                break
+        group = list(self.last_group.values())
+        if group and all(r.status == "done" for r in group) and len(configs) == len(group):
+            notice = group[0].meta.get("notice")
+            parts = []
+            for r in group:
+                ev = r.last("eval")
+                acc = f"val accuracy {ev.val_acc:.1%}, val loss {ev.val_loss:.3f}" if ev else ""
+                parts.append(f"{r.name}: {acc}" if r.name else acc)
+            self._set_status(
+                f"Done {self.label(values)} in {time.perf_counter() - t0:.1f} s: "
+                + "; ".join(parts)
+                + "."
+                + (f" NOTICE: {notice}" if notice else ""),
+                "warn" if notice else "ok",
+            )
+
+    def _train_one(self, values, name, config, ds, stop, of: str) -> RunRecord | None:
+        """Train one config into a new RunRecord of the current group; say how it ended."""
         self._subtitle = ds.name + (
             " - GENERATED DATA, Imagenette unavailable" if ds.notice else ""
         )
         notice = f" NOTICE: {ds.notice}" if ds.notice else ""
+        label = self.label(values)
         with self._cond:
             self._next_id += 1
             run = RunRecord(
                 self._next_id,
                 dict(values),
-                self.label(values),
+                f"{name}: {label}" if name else label,
                 meta={
                     "profile": config.profile,
                     "device": str(ds.device),
@@ -698,14 +761,18 @@ class LiveRun:
                     "notice": ds.notice,
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"),
                 },
+                group=self._group,
+                name=name,
             )
             # one curve per setting: a rerun replaces the older curve of the same settings
             self.runs = [r for r in self.runs if r.label != run.label or r.status == "running"]
             self.runs.append(run)
             self.last_run = run
+            self.last_group[name] = run
             self._trim()
         self._set_status(
-            f"Running {run.label} on {ds.device} ({ds.name}).{notice}", "warn" if notice else "info"
+            f"Running {run.label}{of} on {ds.device} ({ds.name}).{notice}",
+            "warn" if notice else "info",
         )
         t0 = time.perf_counter()
         last_draw = 0.0
@@ -726,7 +793,7 @@ class LiveRun:
             )
             self._draw()
             self._set_status(describe_error(e), "error")
-            return
+            return run
         last = run.records[-1] if run.records else None
         kind = last.kind if last else "stopped"
         run.status = {"done": "done", "diverged": "diverged"}.get(kind, "stopped")
@@ -734,6 +801,7 @@ class LiveRun:
         if run.status == "stopped" and not any(r.kind == "train" for r in run.records):
             with self._cond:  # superseded before its first point: nothing worth keeping
                 self.runs.remove(run)
+                self.last_group.pop(name, None)
         self._draw()
         secs = time.perf_counter() - t0
         if run.status == "done":
@@ -757,11 +825,13 @@ class LiveRun:
                 append_run(self.log_path, run)
             except OSError as e:
                 self._set_status(f"{self.status.value} (could not save the run log: {e})")
+        return run
 
     def _trim(self) -> None:
-        extra = len(self.runs) - self.max_history - 1
-        if extra > 0:
-            del self.runs[:extra]
+        """Keep the newest request's runs and those of the ``max_history`` before it."""
+        groups = list(dict.fromkeys(r.group for r in self.runs))
+        keep = set(groups[-(self.max_history + 1) :])
+        self.runs = [r for r in self.runs if r.group in keep]
 
     def _progress(self, step: int, total: int, elapsed: float) -> None:
         self.progress.max = max(1, total)

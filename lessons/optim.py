@@ -1,0 +1,204 @@
+"""Optimizers the lessons open up: LAMB (with the variants of well-known implementations as
+options of one class).
+
+LAMB, per parameter tensor w with gradient g at step t (You et al. 2019, in the order of the
+"EMA and batch size" blog):
+
+    m = b1 m + (1 - b1) g            v = b2 v + (1 - b2) g^2
+    m_hat = m / (1 - b1^t)           v_hat = v / (1 - b2^t)
+    r = m_hat / (sqrt(v_hat) + eps)  (or / sqrt(v_hat + eps), or the centred v_hat - m_hat^2)
+    s = r + weight_decay * w
+    trust = ||w|| / ||s||  (1 where a norm is 0; at most trust_clip)
+    w = w - lr * trust * s
+
+so the step has length lr * ||w||: the learning rate is a relative change per step.
+
+Variants (each an option here, no copies):
+- fastai: trust ratio capped at 10, norms as RMS (the ratio is the same: both tensors have
+  the same number of elements), decoupled weight decay applied before the step, outside the
+  trust ratio (``wd_outside_trust=True``).
+- cybertronai/pytorch-lamb and torch-optimizer: no bias correction
+  (``bias_correction=False``), the weight norm (not the ratio) clamped at 10
+  (``weight_norm_clip=10``, ``trust_clip=None``).
+- timm and NVIDIA FusedLAMB: the global gradient norm clipped at 1 first
+  (``max_grad_norm=1.0``) and the trust ratio applied only to parameters with weight decay
+  (``adapt_only_decayed=True``); timm's ``trust_clip=True`` caps the ratio at 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NORMS = ("l2", "rms")
+
+# name -> Lamb options; "course" is the algorithm as written above with the fast.ai cap of 10
+LAMB_VARIANTS: dict[str, dict] = {
+    "course": dict(trust_clip=10.0),
+    "paper (no cap)": dict(trust_clip=None),
+    "fastai": dict(trust_clip=10.0, norm="rms", wd_outside_trust=True),
+    "cybertronai": dict(trust_clip=None, bias_correction=False, weight_norm_clip=10.0),
+    "timm / NVIDIA": dict(trust_clip=None, max_grad_norm=1.0, adapt_only_decayed=True),
+    "timm trust_clip": dict(trust_clip=1.0, max_grad_norm=1.0, adapt_only_decayed=True),
+}
+
+
+def _norm(x: torch.Tensor, kind: str) -> torch.Tensor:
+    return x.norm() if kind == "l2" else x.pow(2).mean().sqrt()
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB with a per-tensor trust ratio; the last ratio of every parameter is kept in
+    ``self.state[p]["trust"]`` (a 0-dim tensor, no host sync) and ``trust_ratios()``."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        trust_clip: float | None = 10.0,
+        centered: bool = False,
+        eps_inside_sqrt: bool = False,
+        *,
+        bias_correction: bool = True,
+        weight_norm_clip: float | None = None,
+        max_grad_norm: float | None = None,
+        adapt_only_decayed: bool = False,
+        wd_outside_trust: bool = False,
+        norm: str = "l2",
+    ):
+        if not (isinstance(lr, float | int) and lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        for name, value in (
+            ("trust_clip", trust_clip),
+            ("weight_norm_clip", weight_norm_clip),
+            ("max_grad_norm", max_grad_norm),
+        ):
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 or None, got {value!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            trust_clip=trust_clip,
+            centered=centered,
+            eps_inside_sqrt=eps_inside_sqrt,
+            bias_correction=bias_correction,
+            weight_norm_clip=weight_norm_clip,
+            max_grad_norm=max_grad_norm,
+            adapt_only_decayed=adapt_only_decayed,
+            wd_outside_trust=wd_outside_trust,
+            norm=norm,
+        )
+        super().__init__(params, defaults)
+        self.keep_norms = False  # set True to keep each tensor's norms of the last step
+
+    NORM_KEYS = ("grad", "m_hat", "r", "s", "w", "trust", "update")
+
+    def _grad_scale(self) -> torch.Tensor | None:
+        """timm / NVIDIA: one factor for all gradients so that their global norm is <= max."""
+        limit = self.param_groups[0]["max_grad_norm"]
+        if limit is None:
+            return None
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        return torch.clamp(limit / (total + 1e-12), max=1.0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        scale = self._grad_scale()
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("Lamb does not support sparse gradients")
+                g = p.grad if scale is None else p.grad * scale
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                bc1 = 1 - b1**t if group["bias_correction"] else 1.0
+                bc2 = 1 - b2**t if group["bias_correction"] else 1.0
+                m_hat, v_hat = m / bc1, v / bc2
+                if group["centered"]:  # the variance; negative (clamped) when betas differ
+                    v_hat = (v_hat - m_hat * m_hat).clamp_(min=0)
+                if group["eps_inside_sqrt"]:
+                    r = m_hat / (v_hat + eps).sqrt()
+                else:
+                    r = m_hat / (v_hat.sqrt() + eps)
+                if wd and group["wd_outside_trust"]:
+                    p.mul_(1 - lr * wd)  # fastai: decoupled decay first, outside the ratio
+                    s = r
+                else:
+                    s = r.add(p, alpha=wd) if wd else r
+                if group["adapt_only_decayed"] and not wd:
+                    trust = torch.ones((), device=p.device, dtype=p.dtype)
+                else:
+                    w_norm, s_norm = _norm(p, group["norm"]), _norm(s, group["norm"])
+                    if group["weight_norm_clip"] is not None:
+                        w_norm = w_norm.clamp(max=group["weight_norm_clip"])
+                    ok = (w_norm > 0) & (s_norm > 0)
+                    trust = torch.where(ok, w_norm / torch.where(ok, s_norm, 1.0), 1.0)
+                    if group["trust_clip"] is not None:
+                        trust = trust.clamp(max=group["trust_clip"])
+                state["trust"] = trust
+                if self.keep_norms:  # for the step inspector: ||g||, ||m_hat||, ... as tensors
+                    state["norms"] = torch.stack(
+                        [
+                            g.norm(),
+                            m_hat.norm(),
+                            r.norm(),
+                            s.norm(),
+                            p.norm(),
+                            trust,
+                            (lr * trust * s).norm(),
+                        ]
+                    ).float()
+                p.add_(s * trust, alpha=-lr)
+        return loss
+
+    def norms(self) -> list[dict]:
+        """Per parameter, the norms of the last step (needs ``keep_norms = True``):
+        ||g||, ||m_hat||, ||r||, ||s||, ||w|| (before the step), trust ratio, ||update||."""
+        rows = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                values = self.state[p]["norms"].tolist() if "norms" in self.state[p] else None
+                rows.append(dict(zip(self.NORM_KEYS, values)) if values else {})
+        return rows
+
+    def trust_ratios(self) -> torch.Tensor:
+        """The last trust ratio of every parameter (in param_groups order; 1 before a step)."""
+        out = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                t = self.state[p].get("trust") if p in self.state else None
+                out.append(t.float() if t is not None else torch.ones((), device=p.device))
+        return torch.stack(out)

@@ -1,0 +1,81 @@
+"""Lesson 3's widgets driven headless, and LAMB in the engine."""
+
+import numpy as np
+import pytest
+
+from lessons.optim import LAMB_VARIANTS
+from lessons.train import TrainConfig, run
+from widgets import lamb as L
+from widgets import live as live_mod
+
+
+@pytest.fixture(autouse=True)
+def private_run_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(live_mod, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+
+
+def test_lamb_converges_on_the_generated_data(shapes_ci):
+    c = TrainConfig.from_profile(
+        "ci",
+        device="cpu",
+        optimizer="lamb",
+        lr=0.02,
+        weight_decay=0.01,
+        epochs=5,
+        record_trust=True,
+    )
+    records = run(c, dataset=shapes_ci)
+    losses = [r.loss for r in records if r.kind == "train"]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.3
+    assert [r for r in records if r.kind == "eval"][-1].val_acc > 0.25
+    trust = [r.extras["trust"] for r in records if r.kind == "train"]
+    names = records[0].extras["trust_names"]
+    assert all(len(t) == len(names) for t in trust) and max(map(max, trust)) <= 10.0
+
+
+def test_inspector_controls_change_the_table():
+    ins = L.StepInspector()
+    assert len(ins.rows) == 14 and "trust ratio" in ins.table.value
+    lr = ins.lr.value
+    # uncapped tensors with a weight move by lr x ||w||
+    for row in ins.rows:
+        if row["w"] > 0 and row["trust"] < 10:
+            assert row["relative"] == pytest.approx(lr, rel=1e-4)
+    zero = [r for r in ins.rows if r["name"].endswith(".1.bias")]
+    assert zero and all(r["trust"] == 1.0 and r["w"] == 0 for r in zero)
+    ins.cap.value = 1.0  # a user picks the cap of 1
+    assert max(r["trust"] for r in ins.rows) <= 1.0
+    ins.steps.value = 5
+    assert all(r["w"] > 0 for r in ins.rows)  # after a few steps the biases have moved
+    before = [r["trust"] for r in ins.rows]
+    ins.centered.value = True
+    assert [r["trust"] for r in ins.rows] != before
+
+
+def test_lamb_against_adamw_trains_both_and_draws_trust_ratios():
+    live = L.lamb_vs_adamw(renderer="plotly")
+    runs = live.run_blocking(timeout=300)
+    assert set(runs) == {"LAMB", "AdamW"} and all(r.status == "done" for r in runs.values())
+    shown = {t["uid"]: t for t in live.traces()}
+    assert all(shown[f"{r.id}:loss"]["opacity"] == 1.0 for r in runs.values())
+    panel = live.panel_figure.traces()
+    names = runs["LAMB"].records[0].extras["trust_names"]
+    assert [t["uid"] for t in panel] == [f"trust:{n}" for n in names]
+    n_train = sum(r.kind == "train" for r in runs["LAMB"].records)
+    assert all(t["points"] == n_train for t in panel)
+    assert "LAMB" in live.panel_figure.title()
+    # a new setting: both runs again, the first pair fades
+    again = live.run_blocking(cap=None, timeout=300)
+    shown = {t["uid"]: t for t in live.traces()}
+    assert shown[f"{runs['LAMB'].id}:loss"]["opacity"] < 1.0
+    assert shown[f"{again['LAMB'].id}:loss"]["opacity"] == 1.0
+    cfg = live.make_config(live.values())
+    assert cfg["LAMB"].opt_options["trust_clip"] is None
+
+
+def test_all_variants_are_configs_of_the_one_optimizer():
+    live = L.lamb_vs_adamw(renderer="matplotlib")
+    configs = live.make_config({**live.values(), "variant": "all variants"})
+    assert set(configs) == {f"LAMB {k}" for k in LAMB_VARIANTS} | {"AdamW"}
+    assert all(c.optimizer == "lamb" for k, c in configs.items() if k != "AdamW")
+    assert configs["LAMB timm trust_clip"].opt_options == LAMB_VARIANTS["timm trust_clip"]

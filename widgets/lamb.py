@@ -1,0 +1,254 @@
+"""03 LAMB internals: a one-step inspector, and LAMB against AdamW with live trust ratios."""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+import torch
+import torch.nn.functional as F
+
+from lessons import data as data_mod
+from lessons.models import make_model
+from lessons.optim import LAMB_VARIANTS, Lamb
+from lessons.profiles import get_profile
+from lessons.train import TrainConfig, _param_groups
+from widgets.live import COLORS, LiveRun, Trace
+
+CAPS = (("off", None), ("1", 1.0), ("10", 10.0), ("100", 100.0))
+STYLE = {"description_width": "initial"}
+
+
+class StepInspector:
+    """A tiny net on one fixed batch: take ``steps`` LAMB steps, then show the last one as a
+    table per tensor. Every control re-runs the steps from the same start."""
+
+    COLUMNS = (
+        ("grad", "||g||"),
+        ("m_hat", "||m_hat||"),
+        ("r", "||r||"),
+        ("s", "||s||"),
+        ("w", "||w||"),
+        ("trust", "trust ratio"),
+        ("update", "||update||"),
+    )
+
+    def __init__(self, profile: str | None = None, batch: int = 32, seed: int = 0):
+        p = get_profile(profile)
+        ds = data_mod.load(
+            p.dataset, p.size, "cpu", n_train=p.n_train, n_val=p.n_val, progress=False
+        )
+        self.x = data_mod.normalize(ds.train_x[:batch])
+        self.y = ds.train_y[:batch]
+        self.classes = len(ds.classes)
+        self.seed = seed
+        self.steps = W.IntSlider(
+            value=1, min=1, max=50, description="inspect step", continuous_update=False, style=STYLE
+        )
+        self.lr = W.FloatLogSlider(
+            value=0.01,
+            base=10,
+            min=-4,
+            max=0,
+            step=0.25,
+            description="lr",
+            continuous_update=False,
+            readout_format=".3g",
+        )
+        self.wd = W.FloatSlider(
+            value=0.01,
+            min=0,
+            max=0.5,
+            step=0.01,
+            description="weight decay",
+            continuous_update=False,
+            style=STYLE,
+        )
+        self.cap = W.Dropdown(options=CAPS, value=10.0, description="trust cap")
+        self.centered = W.Checkbox(value=False, description="centered")
+        self.eps_inside = W.Checkbox(value=False, description="eps inside sqrt")
+        self.table = W.HTML()
+        for w in (self.steps, self.lr, self.wd, self.cap, self.centered, self.eps_inside):
+            w.observe(lambda _: self.update(), names="value")
+        self.widget = W.VBox(
+            [
+                W.HBox([self.steps, self.lr, self.wd], layout=W.Layout(flex_flow="row wrap")),
+                W.HBox([self.cap, self.centered, self.eps_inside]),
+                self.table,
+            ]
+        )
+        self.rows: list[dict] = []
+        self.update()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def run(self) -> list[dict]:
+        """Rows (one per tensor) describing the last of ``steps`` LAMB steps."""
+        torch.manual_seed(self.seed)
+        model = make_model(self.classes, width=8, depth=0)
+        groups = _param_groups(model, float(self.wd.value))
+        opt = Lamb(
+            groups,
+            lr=float(self.lr.value),
+            trust_clip=self.cap.value,
+            centered=self.centered.value,
+            eps_inside_sqrt=self.eps_inside.value,
+        )
+        opt.keep_norms = True
+        for _ in range(int(self.steps.value)):
+            opt.zero_grad()
+            F.cross_entropy(model(self.x), self.y).backward()
+            opt.step()
+        names = {id(p): n for n, p in model.named_parameters()}
+        tensors = [(p, g) for g in opt.param_groups for p in g["params"]]
+        rows = []
+        for (p, g), norms in zip(tensors, opt.norms(), strict=True):
+            row = dict(norms, name=names[id(p)], decay=g["weight_decay"])
+            row["relative"] = row["update"] / row["w"] if row["w"] else float("inf")
+            rows.append(row)
+        return rows
+
+    def update(self) -> None:
+        self.rows = self.run()
+        head = "".join(
+            f"<th>{h}</th>"
+            for h in ("tensor", "decay", *(c[1] for c in self.COLUMNS), "update/||w||")
+        )
+        body = []
+        for r in self.rows:
+            cells = [html.escape(r["name"]), f"{r['decay']:g}"]
+            cells += [f"{r[k]:.3g}" for k, _ in self.COLUMNS]
+            cells.append(f"{r['relative']:.3g}" if r["w"] else "w = 0")
+            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        self.table.value = (
+            f"<b>LAMB step {self.steps.value}</b> (lr {self.lr.value:.3g}): the update of a "
+            "tensor is lr x trust x s, so its size relative to ||w|| is about lr wherever "
+            "the cap does not bite."
+            f"<table class='lamb-table'><tr>{head}</tr>{''.join(body)}</table>"
+        )
+
+
+def trust_panel(live: LiveRun) -> tuple[list[Trace], str]:
+    """Per-tensor trust ratios over training, for the newest run that recorded them."""
+    run = next(
+        (r for r in reversed(live.runs) if any("trust" in m.extras for m in r.records)), None
+    )
+    if run is None:
+        return [], "Trust ratios per tensor (train a LAMB run)"
+    pts = [m for m in run.records if m.kind == "train" and "trust" in m.extras]
+    names = next(m.extras["trust_names"] for m in run.records if "trust_names" in m.extras)
+    xs = [m.samples for m in pts]
+    traces = []
+    for i, name in enumerate(names):
+        ys = [m.extras["trust"][i] for m in pts]
+        # conv kernels and the head's matrix solid; biases and norm scales dotted
+        kernel = name.endswith(".0.weight") or name == "head.weight"
+        traces.append(
+            Trace(
+                f"trust:{name}",
+                xs,
+                ys,
+                name=name,
+                color=COLORS[i % len(COLORS)],
+                dash="solid" if kernel else "dot",
+                width=1.8 if kernel else 1.0,
+            )
+        )
+    return traces, f"Trust ratio per tensor: {run.label}"
+
+
+def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
+    """LAMB (a chosen variant, or all of them) against AdamW at a large batch."""
+    p = get_profile(profile)
+    n_train = p.n_train if p.dataset == "shapes" else data_mod.IMAGENETTE_COUNTS["train"]
+    batches = [b for b in (64, 128, 256, 512, 1024, 2048) if b <= n_train // 4]
+    epochs = max(p.epochs, 4)
+    controls = {
+        "batch": W.SelectionSlider(
+            options=batches,
+            value=batches[-1] if p.name != "ci" else 256,
+            description="batch",
+            continuous_update=False,
+        ),
+        "lr": W.FloatLogSlider(
+            value=0.02,
+            base=10,
+            min=-3,
+            max=0,
+            step=0.1,
+            description="LAMB lr",
+            continuous_update=False,
+            readout_format=".3g",
+            style=STYLE,
+        ),
+        "adamw_lr": W.FloatLogSlider(
+            value=2e-3,
+            base=10,
+            min=-4,
+            max=-1,
+            step=0.1,
+            description="AdamW lr",
+            continuous_update=False,
+            readout_format=".3g",
+            style=STYLE,
+        ),
+        "wd": W.FloatSlider(
+            value=0.01,
+            min=0,
+            max=0.3,
+            step=0.01,
+            description="weight decay",
+            continuous_update=False,
+            style=STYLE,
+        ),
+        "cap": W.Dropdown(options=CAPS, value=10.0, description="trust cap"),
+        "centered": W.Checkbox(value=False, description="centered"),
+        "variant": W.Dropdown(
+            options=["as set here", *LAMB_VARIANTS, "all variants"],
+            value="as set here",
+            description="LAMB variant",
+            style=STYLE,
+        ),
+    }
+
+    def make_config(v: dict) -> dict[str, TrainConfig]:
+        base = dict(
+            batch=int(v["batch"]), weight_decay=float(v["wd"]), epochs=epochs, betas=(0.9, 0.999)
+        )
+        lamb = dict(optimizer="lamb", lr=float(v["lr"]), record_trust=True, eps=1e-6, **base)
+        if v["variant"] == "as set here":
+            lambs = {"LAMB": dict(trust_clip=v["cap"], centered=bool(v["centered"]))}
+        elif v["variant"] == "all variants":
+            lambs = {f"LAMB {k}": dict(o) for k, o in LAMB_VARIANTS.items()}
+        else:
+            lambs = {f"LAMB {v['variant']}": dict(LAMB_VARIANTS[v["variant"]])}
+        configs = {
+            name: TrainConfig.from_profile(p.name, opt_options=o, **lamb)
+            for name, o in lambs.items()
+        }
+        configs["AdamW"] = TrainConfig.from_profile(
+            p.name, optimizer="adamw", lr=float(v["adamw_lr"]), **base
+        )
+        return configs
+
+    def label(v: dict) -> str:
+        cap = "off" if v["cap"] is None else f"{v['cap']:g}"
+        return f"batch={v['batch']}, lr={v['lr']:.3g}/{v['adamw_lr']:.3g}, wd={v['wd']:g}, " + (
+            f"cap={cap}{', centered' if v['centered'] else ''}"
+            if v["variant"] == "as set here"
+            else f"variant={v['variant']}"
+        )
+
+    return LiveRun(
+        controls,
+        make_config,
+        name="03_lamb",
+        label=label,
+        panel=trust_panel,
+        panel_axes=dict(xlabel="samples seen", ylabel="trust ratio", ylog=True, height=360),
+        title=f"LAMB against AdamW ({p.name} profile)",
+        **kwargs,
+    )
