@@ -92,13 +92,14 @@ class RunRecord:
             return self.label
         return f"{self.label} (saved, {self.meta.get('device', '?')})"
 
-    def series(self) -> dict[str, tuple[list, list]]:
+    def series(self, x: str = "samples") -> dict[str, tuple[list, list]]:
+        """Train loss, val loss and val accuracy against ``x``: "samples" or "step"."""
         train = [r for r in self.records if r.kind == "train"]
         evals = [r for r in self.records if r.kind == "eval"]
         return {
-            "loss": ([r.samples for r in train], [r.loss for r in train]),
-            "val_loss": ([r.samples for r in evals], [r.val_loss for r in evals]),
-            "val_acc": ([r.samples for r in evals], [r.val_acc for r in evals]),
+            "loss": ([getattr(r, x) for r in train], [r.loss for r in train]),
+            "val_loss": ([getattr(r, x) for r in evals], [r.val_loss for r in evals]),
+            "val_acc": ([getattr(r, x) for r in evals], [r.val_acc for r in evals]),
         }
 
     def last(self, kind: str) -> Metrics | None:
@@ -341,6 +342,10 @@ class PlotlyFigure:
             for t in self.fig.data
         ]
 
+    def set_xlabel(self, text: str) -> None:
+        if self.fig.layout.xaxis.title.text != text:
+            self.fig.layout.xaxis.title.text = text
+
     def marks(self) -> list[dict]:
         return [{"x": m.x, "label": m.label} for m in self._marks]
 
@@ -442,6 +447,9 @@ class MatplotlibFigure:
     def traces(self) -> list[dict]:
         return list(self._traces)
 
+    def set_xlabel(self, text: str) -> None:
+        self.labels = (text, *self.labels[1:])  # used by the next draw
+
     def marks(self) -> list[dict]:
         return list(self._marks)
 
@@ -484,6 +492,9 @@ class LiveRun:
     marks: (live) -> list of Mark drawn as labelled vertical lines.
     panel: (live) -> (traces, title) for a second figure under the first, redrawn with it
         (for example per-layer trust ratios); panel_axes: its make_figure arguments.
+    summary: (live) -> HTML shown under the figure after every redraw (measured numbers).
+    x_toggle: add a view control that switches the x axis between samples seen and
+        parameter updates.
     """
 
     def __init__(
@@ -506,6 +517,8 @@ class LiveRun:
         marks: Callable[[LiveRun], list[Mark]] | None = None,
         panel: Callable[[LiveRun], tuple[list[Trace], str]] | None = None,
         panel_axes: dict | None = None,
+        summary: Callable[[LiveRun], str] | None = None,
+        x_toggle: bool = False,
     ):
         self.name = name
         self.controls = dict(controls)
@@ -515,6 +528,15 @@ class LiveRun:
         self.max_history = max_history
         self.series = tuple(series)
         self.view_controls = dict(view_controls or {})
+        if x_toggle:
+            self.view_controls["x"] = W.ToggleButtons(
+                options=[("samples seen", "samples"), ("parameter updates", "step")],
+                value="samples",
+                description="x axis",
+            )
+        self.xlabels = {"samples": xlabel, "step": "parameter updates"}
+        self.summary = summary
+        self.summary_html = W.HTML()
         self.marks = marks
         self.renderer_name = choose_renderer(renderer)
         self.figure = make_figure(self.renderer_name, xlabel=xlabel, ylabel=ylabel, y2label=y2label)
@@ -563,6 +585,7 @@ class LiveRun:
                 self.status,
                 W.HBox([self.progress, self.progress_text]),
                 self.figure.widget,
+                self.summary_html,
                 *([self.panel_figure.widget] if self.panel_figure else []),
             ]
         )
@@ -653,7 +676,7 @@ class LiveRun:
             newest = max((r.group for r in runs if not r.replayed), default=None)
             for run in runs:
                 active = run.group == newest and not run.replayed
-                data = run.series()
+                data = run.series(view.get("x", "samples"))
                 for s in self.series:
                     xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
                     first = s is lead
@@ -674,7 +697,10 @@ class LiveRun:
                         )
                     )
             marks = self.marks(self) if self.marks else ()
+            self.figure.set_xlabel(self.xlabels[view.get("x", "samples")])
             self.figure.draw(traces, title, marks)
+            if self.summary is not None:
+                self.summary_html.value = self.summary(self)
             if self.panel_figure is not None:
                 self.panel_figure.draw(*self.panel(self))
             self.redraws += 1

@@ -1,0 +1,52 @@
+"""Lesson 2's widgets driven headless."""
+
+import pytest
+
+from lessons import scaling as S
+from widgets import beta_transfer as BT
+from widgets import live as live_mod
+
+
+@pytest.fixture(autouse=True)
+def private_run_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(live_mod, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+
+
+@pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])
+def test_per_sample_weights_follow_the_sliders(renderer):
+    w = BT.PerSampleWeights(beta=0.9, batch=8, renderer=renderer)
+    assert w.figure.marks()[0]["x"] == pytest.approx(8 * 6.578813, rel=1e-5)
+    w.batch.value = 16
+    assert w.figure.marks()[0]["x"] == pytest.approx(16 * 6.578813, rel=1e-5)
+    assert "0.99344" in {t["uid"]: t for t in w.figure.traces()}["per-sample"]["name"]
+
+
+def test_three_curves_gaps_and_the_x_toggle():
+    live = BT.beta_transfer(renderer="plotly")
+    runs = live.run_blocking(timeout=300)
+    assert list(runs) == ["baseline (B=256)", "naive (b=32)", "lamb (b=32)"]
+    base, naive, moved = runs.values()
+    cfg = live.make_config(live.values())
+    assert cfg["lamb (b=32)"].lr == pytest.approx(0.02 / 8)
+    assert cfg["lamb (b=32)"].betas == pytest.approx((0.9**0.125, 0.99**0.125))
+    assert cfg["naive (b=32)"].lr == cfg["baseline (B=256)"].lr
+    measured = BT.gaps(live)
+    assert set(measured) == {"naive (b=32)", "lamb (b=32)"}
+    assert "naive (b=32)" in live.summary_html.value
+    expect = S.curve_gap(*base.series()["loss"], *moved.series()["loss"])
+    assert measured["lamb (b=32)"] == pytest.approx(expect)
+    # the x toggle: parameter updates instead of samples, no new run
+    started = live.threads_started
+    live.view_controls["x"].value = "step"
+    xs = {t.meta: t.x for t in live.figure.fig.data}
+    for r in (base, naive):
+        assert list(xs[f"{r.id}:loss"]) == [m.step for m in r.records if m.kind == "train"]
+    assert xs[f"{naive.id}:loss"][-1] > 7 * xs[f"{base.id}:loss"][-1]  # ~8x the updates
+    assert live.figure.fig.layout.xaxis.title.text == "parameter updates"
+    assert live.threads_started == started and not live.busy
+
+
+def test_an_impossible_rule_is_a_message():
+    live = BT.beta_transfer(renderer="matplotlib")
+    assert live.run_blocking(base_batch=8, batch=256, rule="adam-sqrt", timeout=60) is None
+    assert "Impossible setting" in live.status.value and "1 - beta" in live.status.value

@@ -1,0 +1,162 @@
+"""02 deriving beta^(1/b): per-sample weights, and a baseline carried to another batch size."""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+import numpy as np
+
+from lessons import scaling as S
+from lessons.data import IMAGENETTE_COUNTS
+from lessons.ema import half_life
+from lessons.profiles import get_profile
+from lessons.train import TrainConfig
+from widgets.discounting import beta_slider
+from widgets.live import LiveRun, Mark, Trace, make_figure
+
+STYLE = {"description_width": "initial"}
+BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class PerSampleWeights:
+    """The EMA at batch b (a staircase: a batch's samples share its weight) against the
+    per-sample EMA with beta^(1/b): equal up to the flattening inside a batch."""
+
+    def __init__(self, beta: float = 0.9, batch: int = 8, renderer: str | None = None):
+        self.beta = beta_slider(beta, "per-step beta")
+        self.batch = W.SelectionSlider(
+            options=BATCHES[1:8], value=batch, description="batch b", continuous_update=False
+        )
+        self.figure = make_figure(
+            renderer, xlabel="samples back", ylabel="weight per sample", height=340
+        )
+        for w in (self.beta, self.batch):
+            w.observe(lambda _: self.draw(), names="value")
+        self.widget = W.VBox([W.HBox([self.beta, self.batch]), self.figure.widget])
+        self.draw()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def draw(self) -> None:
+        beta, b = float(self.beta.value), int(self.batch.value)
+        per_sample = S.scale_beta(beta, b, 1)
+        n = int(min(4000, max(40, np.ceil(4 * b / (1 - beta)))))
+        j = list(range(n))
+        h = half_life(per_sample)
+        self.figure.draw(
+            [
+                Trace(
+                    "batched",
+                    j,
+                    S.per_sample_weights(beta, b, n).tolist(),
+                    name=f"beta = {beta:g} per step of batch {b}",
+                    color="#1f77b4",
+                ),
+                Trace(
+                    "per-sample",
+                    j,
+                    S.per_sample_weights(per_sample, 1, n).tolist(),
+                    name=f"beta^(1/b) = {per_sample:.5g} per sample",
+                    color="#d62728",
+                    dash="dash",
+                ),
+            ],
+            title=f"The same discount per sample: half-life {h:.3g} samples either way",
+            marks=[Mark(h, "half-life", "#2ca02c")],
+        )
+
+
+def gaps(live: LiveRun) -> dict[str, float]:
+    """For the newest request: each curve's gap to the baseline (mean |loss difference| over
+    the second half, at equal samples seen; see lessons.scaling.curve_gap)."""
+    group = list(live.last_group.values())
+    base = next((r for r in group if r.name.startswith("baseline")), None)
+    if base is None or not base.records:
+        return {}
+    bx, by = base.series()["loss"]
+    out = {}
+    for r in group:
+        if r is not base and r.records:
+            try:
+                out[r.name] = S.curve_gap(bx, by, *r.series()["loss"])
+            except ValueError:  # not far enough yet to overlap the second half
+                pass
+    return out
+
+
+def gap_summary(live: LiveRun) -> str:
+    rows = "".join(f"<li>{html.escape(k)}: <b>{v:.3f}</b></li>" for k, v in gaps(live).items())
+    if not rows:
+        return ""
+    return (
+        "Gap to the baseline (mean |loss difference| over the second half, at equal "
+        f"samples seen):<ul>{rows}</ul>"
+    )
+
+
+def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
+    """Baseline (batch B) against naive and transferred runs at batch b."""
+    p = get_profile(profile)
+    n_train = p.n_train if p.dataset == "shapes" else IMAGENETTE_COUNTS["train"]
+    batches = [b for b in BATCHES[3:] if b <= n_train // 4]
+    epochs = max(p.epochs, 6)
+    controls = {
+        "optimizer": W.Dropdown(
+            options=[("LAMB", "lamb"), ("AdamW", "adamw"), ("SGD + momentum", "sgd")],
+            value="lamb",
+            description="optimizer",
+        ),
+        "base_batch": W.SelectionSlider(
+            options=batches,
+            value=256 if 256 in batches else batches[-1],
+            description="baseline batch B",
+            continuous_update=False,
+            style=STYLE,
+        ),
+        "batch": W.SelectionSlider(
+            options=batches,
+            value=32,
+            description="target batch b",
+            continuous_update=False,
+            style=STYLE,
+        ),
+        "lr": W.FloatLogSlider(
+            value=0.02,
+            base=10,
+            min=-4,
+            max=0,
+            step=0.1,
+            description="lr at B",
+            continuous_update=False,
+            readout_format=".3g",
+            style=STYLE,
+        ),
+        "rule": W.Dropdown(options=list(S.RULES), value="lamb", description="rule"),
+    }
+
+    def make_config(v: dict) -> dict[str, TrainConfig]:
+        opt, B, b = v["optimizer"], int(v["base_batch"]), int(v["batch"])
+        hp = dict(lr=float(v["lr"]), betas=(0.9, 0.99), weight_decay=0.01)
+        if opt == "sgd":
+            hp = dict(lr=float(v["lr"]), momentum=0.9, weight_decay=5e-4)
+        moved = S.transfer(hp, B, b, v["rule"])  # ValueError: shown in the status line
+        common = dict(optimizer=opt, epochs=epochs, eps=1e-6)
+        return {
+            f"baseline (B={B})": TrainConfig.from_profile(p.name, batch=B, **common, **hp),
+            f"naive (b={b})": TrainConfig.from_profile(p.name, batch=b, **common, **hp),
+            f"{v['rule']} (b={b})": TrainConfig.from_profile(p.name, batch=b, **common, **moved),
+        }
+
+    return LiveRun(
+        controls,
+        make_config,
+        name="02_beta_transfer",
+        summary=gap_summary,
+        x_toggle=True,
+        title=f"Carrying hyperparameters from batch B to b ({p.name} profile)",
+        **kwargs,
+    )
