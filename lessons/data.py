@@ -300,26 +300,15 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write, binary: bool = True) -> None:
+    """Write a file through a temporary file in the same folder, fsync it and rename it into
+    place: readers see the old file or the whole new one, never a part."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -335,7 +324,7 @@ def write_cache(cache: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     files = {}
     for key, array in arrays.items():
         path = cache / f"{key}.npy"
-        _atomic_save_npy(path, array)
+        atomic_write(path, lambda f, a=array: np.save(f, a))
         files[key] = {
             "shape": list(array.shape),
             "dtype": str(array.dtype),
@@ -343,7 +332,8 @@ def write_cache(cache: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
             "sha256": sha256_file(path),
         }
     manifest = {"version": CACHE_VERSION, "files": files, **meta}
-    atomic_write_text(cache / "manifest.json", json.dumps(manifest, indent=1))
+    text = json.dumps(manifest, indent=1)
+    atomic_write(cache / "manifest.json", lambda f: f.write(text), binary=False)
 
 
 def read_cache(cache: Path) -> tuple[dict[str, np.ndarray], dict] | None:

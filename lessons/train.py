@@ -284,6 +284,19 @@ def train(
                     extras["trust_names"] = info["trust_names"]
             yield Metrics(s, seen, ep, v, lr, batch, extras=extras)
 
+    def marker(kind: str, **extras) -> Metrics:
+        """A record that ends the run ("stopped", "done"), carrying the run's info."""
+        return Metrics(
+            step,
+            samples,
+            step / steps_per_epoch,
+            None,
+            0.0,
+            batch,
+            kind=kind,
+            extras={**info, **extras},
+        )
+
     model.train()
     try:
         epoch = 0
@@ -294,16 +307,7 @@ def train(
                     break
                 if stop is not None and stop.is_set():
                     yield from flush()
-                    yield Metrics(
-                        step,
-                        samples,
-                        step / steps_per_epoch,
-                        None,
-                        0.0,
-                        batch,
-                        kind="stopped",
-                        extras=info,
-                    )
+                    yield marker("stopped")
                     return
                 idx = perm[i * batch : (i + 1) * batch]
                 x = data_mod.normalize(ds.train_x[idx])
@@ -348,16 +352,7 @@ def train(
                     return
     except _Diverged:
         return
-    yield Metrics(
-        step,
-        samples,
-        step / steps_per_epoch,
-        None,
-        0.0,
-        batch,
-        kind="done",
-        extras={**info, "seconds": time.perf_counter() - t_start},
-    )
+    yield marker("done", seconds=time.perf_counter() - t_start)
 
 
 class _Diverged(Exception):

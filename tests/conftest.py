@@ -35,3 +35,12 @@ def shapes_ci():
 
     p = get_profile("ci")
     return data.load(p.dataset, p.size, "cpu", n_train=p.n_train, n_val=p.n_val, progress=False)
+
+
+@pytest.fixture
+def private_run_log(tmp_path, monkeypatch):
+    """Widgets write their run log into this test's own folder (imported here, lazily, so
+    the lessons-only tests run where no UI library is installed)."""
+    from widgets import live
+
+    monkeypatch.setattr(live, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")

@@ -4,12 +4,8 @@ import pytest
 
 from lessons import scaling as S
 from widgets import beta_transfer as BT
-from widgets import live as live_mod
 
-
-@pytest.fixture(autouse=True)
-def private_run_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(live_mod, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+pytestmark = pytest.mark.usefixtures("private_run_log")
 
 
 @pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])

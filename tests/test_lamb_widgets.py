@@ -6,12 +6,8 @@ import pytest
 from lessons.optim import LAMB_VARIANTS
 from lessons.train import TrainConfig, run
 from widgets import lamb as L
-from widgets import live as live_mod
 
-
-@pytest.fixture(autouse=True)
-def private_run_log(tmp_path, monkeypatch):
-    monkeypatch.setattr(live_mod, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+pytestmark = pytest.mark.usefixtures("private_run_log")
 
 
 def test_lamb_converges_on_the_generated_data(shapes_ci):

@@ -13,11 +13,7 @@ from widgets import live as live_mod
 from widgets.live import LiveRun
 from widgets.start import start_here
 
-
-@pytest.fixture(autouse=True)
-def private_run_log(tmp_path, monkeypatch):
-    """Each test gets an empty run log."""
-    monkeypatch.setattr(live_mod, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+pytestmark = pytest.mark.usefixtures("private_run_log")
 
 
 def wait_until(cond, timeout=60.0):

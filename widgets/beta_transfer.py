@@ -13,9 +13,8 @@ from lessons.ema import half_life
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
 from widgets.discounting import beta_slider
-from widgets.live import LiveRun, Mark, Trace, make_figure
+from widgets.live import STYLE, LiveRun, Mark, Trace, log_slider, make_figure
 
-STYLE = {"description_width": "initial"}
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -124,17 +123,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
             continuous_update=False,
             style=STYLE,
         ),
-        "lr": W.FloatLogSlider(
-            value=0.02,
-            base=10,
-            min=-4,
-            max=0,
-            step=0.1,
-            description="lr at B",
-            continuous_update=False,
-            readout_format=".3g",
-            style=STYLE,
-        ),
+        "lr": log_slider(0.02, "lr at B", -4, 0),
         "rule": W.Dropdown(options=list(S.RULES), value="lamb", description="rule"),
     }
 

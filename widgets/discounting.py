@@ -10,7 +10,7 @@ import numpy as np
 from lessons import ema as E
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
-from widgets.live import DEFAULT_SERIES, LiveRun, Mark, Series, Trace, make_figure
+from widgets.live import DEFAULT_SERIES, STYLE, LiveRun, Mark, Series, Trace, make_figure
 
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 MAX_POINTS = 4000  # weights drawn per curve; beyond it the curve is subsampled evenly
@@ -29,7 +29,7 @@ def beta_slider(value: float, description: str, options=BETAS) -> W.SelectionSli
         value=value,
         description=description,
         continuous_update=False,
-        style={"description_width": "initial"},
+        style=STYLE,
         layout=W.Layout(width="420px"),
     )
 
@@ -47,7 +47,7 @@ class EMAExplorer:
             step=5,
             continuous_update=False,
             description="first steps",
-            style={"description_width": "initial"},
+            style=STYLE,
         )
         self.weights_fig = make_figure(
             renderer,
@@ -205,7 +205,7 @@ def live_ema(profile: str | None = None, **kwargs) -> LiveRun:
             value=0.9,
             description="beta1 / momentum",
             continuous_update=False,
-            style={"description_width": "initial"},
+            style=STYLE,
         ),
     }
     view = {"smoothing": beta_slider(0.9, "smoothing beta (plot only)", SMOOTHING)}

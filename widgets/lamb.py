@@ -13,10 +13,9 @@ from lessons.models import make_model
 from lessons.optim import LAMB_VARIANTS, Lamb
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig, _param_groups
-from widgets.live import COLORS, LiveRun, Trace
+from widgets.live import COLORS, STYLE, LiveRun, Trace, log_slider
 
 CAPS = (("off", None), ("1", 1.0), ("10", 10.0), ("100", 100.0))
-STYLE = {"description_width": "initial"}
 
 
 class StepInspector:
@@ -45,16 +44,7 @@ class StepInspector:
         self.steps = W.IntSlider(
             value=1, min=1, max=50, description="inspect step", continuous_update=False, style=STYLE
         )
-        self.lr = W.FloatLogSlider(
-            value=0.01,
-            base=10,
-            min=-4,
-            max=0,
-            step=0.25,
-            description="lr",
-            continuous_update=False,
-            readout_format=".3g",
-        )
+        self.lr = log_slider(0.01, "lr", -4, 0, step=0.25)
         self.wd = W.FloatSlider(
             value=0.01,
             min=0,
@@ -173,28 +163,8 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
             description="batch",
             continuous_update=False,
         ),
-        "lr": W.FloatLogSlider(
-            value=0.02,
-            base=10,
-            min=-3,
-            max=0,
-            step=0.1,
-            description="LAMB lr",
-            continuous_update=False,
-            readout_format=".3g",
-            style=STYLE,
-        ),
-        "adamw_lr": W.FloatLogSlider(
-            value=2e-3,
-            base=10,
-            min=-4,
-            max=-1,
-            step=0.1,
-            description="AdamW lr",
-            continuous_update=False,
-            readout_format=".3g",
-            style=STYLE,
-        ),
+        "lr": log_slider(0.02, "LAMB lr", -3, 0),
+        "adamw_lr": log_slider(2e-3, "AdamW lr", -4, -1),
         "wd": W.FloatSlider(
             value=0.01,
             min=0,

@@ -47,6 +47,25 @@ COLORS = [
     "#7f7f7f",
 ]
 FADED = 0.3
+STYLE = {"description_width": "initial"}  # long slider labels stay readable
+
+
+def log_slider(
+    value: float, description: str, lo: float, hi: float, step: float = 0.1
+) -> W.FloatLogSlider:
+    """A slider on a log10 scale from 10**lo to 10**hi (learning rates), committing on
+    release so that each move starts one run."""
+    return W.FloatLogSlider(
+        value=value,
+        base=10,
+        min=lo,
+        max=hi,
+        step=step,
+        description=description,
+        continuous_update=False,
+        readout_format=".3g",
+        style=STYLE,
+    )
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import ipywidgets as W
 
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
-from widgets.live import LiveRun
+from widgets.live import STYLE, LiveRun, log_slider
 
 BATCHES = (16, 32, 64, 128, 256, 512, 1024)
 
@@ -15,23 +15,13 @@ def start_here(profile: str | None = None, **kwargs) -> LiveRun:
     """A LiveRun with sliders for the learning rate (log scale) and the batch size."""
     p = get_profile(profile)
     controls = {
-        "lr": W.FloatLogSlider(
-            value=p.lr,
-            base=10,
-            min=-3,
-            max=0.5,
-            step=0.1,
-            description="learning rate",
-            continuous_update=False,
-            readout_format=".3g",
-            style={"description_width": "initial"},
-        ),
+        "lr": log_slider(p.lr, "learning rate", -3, 0.5),
         "batch": W.SelectionSlider(
             options=[b for b in BATCHES if b <= p.n_train],
             value=p.batch,
             description="batch size",
             continuous_update=False,
-            style={"description_width": "initial"},
+            style=STYLE,
         ),
     }
 
