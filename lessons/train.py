@@ -82,6 +82,9 @@ class TrainConfig:
     label_smoothing: float = 0.0
     max_steps: int | None = None
     opt_options: dict = field(default_factory=dict)  # extra optimizer options (Lamb variants)
+    lr_at: Callable[[int], float] | None = None  # learning rate of each epoch (a schedule)
+    batch_at: Callable[[int], int] | None = None  # batch size of each epoch (a schedule)
+    on_epoch: Callable | None = None  # (model, dataset, epoch) -> dict for the eval record
     record_trust: bool = False  # keep the per-tensor trust ratios of a LAMB-like optimizer
     evaluate: bool = True
     device: str | None = None  # None: CUDA, then MPS, then CPU
@@ -230,26 +233,34 @@ def train(
     record_trust = c.record_trust and hasattr(opt, "trust_ratios")
     gen = torch.Generator(device=device).manual_seed(c.seed)
 
-    batch = int(c.batch)
     n = ds.n_train
-    steps_per_epoch = n // batch
-    total = math.ceil(c.epochs * steps_per_epoch)
+    plan = _plan(c, n)  # (epoch, batch, steps per epoch, steps to take) for every epoch
+    total = sum(p[3] for p in plan)
     if c.max_steps is not None:
         total = min(total, c.max_steps)
     info = {
         "total_steps": total,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": plan[0][2],
         "device": str(device),
         "dataset": ds.name,
         "notice": ds.notice,
     }
+    capped = [e for e, b, _, _ in plan if b < _scheduled_batch(c, e)]
+    if capped:
+        info["batch_notice"] = (
+            f"the batch schedule asked for more than the {n:,} training "
+            f"images in epoch(s) {capped}: capped at {n:,}"
+        )
+    momentum = c.momentum if c.optimizer == "sgd" else 0.0
 
     step = 0
     samples = 0
+    epoch_f = 0.0
+    batch, lr = plan[0][1], c.lr
     if record_trust:  # the parameters' names, in the order trust_ratios() reports them
         names = {id(p): n for n, p in model.named_parameters()}
         info["trust_names"] = [names[id(p)] for g in groups for p in g["params"]]
-    pending: list[tuple] = []  # (step, samples, epoch, lr, loss on the device, trust or None)
+    pending: list[tuple] = []  # (step, samples, epoch, lr, batch, loss on device, trust)
     last_flush = 0.0
 
     def flush() -> Iterator[Metrics]:
@@ -257,52 +268,49 @@ def train(
         nonlocal last_flush
         if not pending:
             return
-        values = torch.stack([p[4] for p in pending]).float().tolist()
+        values = torch.stack([p[5] for p in pending]).float().tolist()
         trusts = (
-            torch.stack([p[5] for p in pending]).tolist() if record_trust else [None] * len(pending)
+            torch.stack([p[6] for p in pending]).tolist() if record_trust else [None] * len(pending)
         )
-        rows = [(*p[:4], v, q) for p, v, q in zip(pending, values, trusts)]
+        rows = [(*p[:5], v, q) for p, v, q in zip(pending, values, trusts)]
         pending.clear()
         last_flush = time.perf_counter()
-        for s, seen, ep, lr, v, q in rows:
+        for s, seen, ep, r_lr, b, v, q in rows:
             if not math.isfinite(v):
                 yield Metrics(
                     s,
                     seen,
                     ep,
                     v,
-                    lr,
-                    batch,
+                    r_lr,
+                    b,
                     kind="diverged",
                     extras={**info, "reason": f"loss became {v} at step {s}"},
                 )
                 raise _Diverged
-            extras = {"total_steps": total} if s == 1 else {}
+            extras = {"noise": r_lr / (1 - momentum) * (n / b - 1)}  # Smith & Le
+            if s == 1:
+                extras.update(total_steps=total, batch_notice=info.get("batch_notice"))
             if q is not None:
                 extras["trust"] = q
                 if s == 1:
                     extras["trust_names"] = info["trust_names"]
-            yield Metrics(s, seen, ep, v, lr, batch, extras=extras)
+            yield Metrics(s, seen, ep, v, r_lr, b, extras=extras)
 
     def marker(kind: str, **extras) -> Metrics:
         """A record that ends the run ("stopped", "done"), carrying the run's info."""
         return Metrics(
-            step,
-            samples,
-            step / steps_per_epoch,
-            None,
-            0.0,
-            batch,
-            kind=kind,
-            extras={**info, **extras},
+            step, samples, epoch_f, None, 0.0, batch, kind=kind, extras={**info, **extras}
         )
 
     model.train()
     try:
-        epoch = 0
-        while step < total:
+        for epoch, batch, steps_per_epoch, steps in plan:
+            if step >= total:
+                break
+            base_lr = c.lr_at(epoch) if c.lr_at is not None else c.lr
             perm = torch.randperm(n, generator=gen, device=device)
-            for i in range(steps_per_epoch):
+            for i in range(steps):
                 if step >= total:
                     break
                 if stop is not None and stop.is_set():
@@ -316,7 +324,7 @@ def train(
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = ds.train_y[idx]
-                lr = c.lr * lr_multiplier(c, step, total)
+                lr = base_lr * lr_multiplier(c, step, total)
                 for g in opt.param_groups:
                     g["lr"] = lr
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -327,22 +335,23 @@ def train(
                 opt.step()
                 step += 1
                 samples += batch
+                epoch_f = epoch + (i + 1) / steps_per_epoch
                 trust = opt.trust_ratios() if record_trust else None
-                pending.append((step, samples, step / steps_per_epoch, lr, loss.detach(), trust))
+                pending.append((step, samples, epoch_f, lr, batch, loss.detach(), trust))
                 if step == 1 or time.perf_counter() - last_flush >= c.flush_s:
                     yield from flush()
-            epoch += 1
             yield from flush()
-            if c.evaluate and (step % steps_per_epoch == 0 or step >= total):
+            if c.evaluate:
                 vl, va = evaluate(model, ds, autocast=cuda)
+                found = c.on_epoch(model, ds, epoch) if c.on_epoch is not None else {}
                 yield Metrics(
-                    step, samples, step / steps_per_epoch, None, lr, batch, vl, va, kind="eval"
+                    step, samples, epoch_f, None, lr, batch, vl, va, kind="eval", extras=found
                 )
                 if not math.isfinite(vl):
                     yield Metrics(
                         step,
                         samples,
-                        step / steps_per_epoch,
+                        epoch_f,
                         vl,
                         lr,
                         batch,
@@ -353,6 +362,25 @@ def train(
     except _Diverged:
         return
     yield marker("done", seconds=time.perf_counter() - t_start)
+
+
+def _scheduled_batch(c: TrainConfig, epoch: int) -> int:
+    return int(c.batch_at(epoch)) if c.batch_at is not None else int(c.batch)
+
+
+def _plan(c: TrainConfig, n: int) -> list[tuple[int, int, int, int]]:
+    """(epoch, batch, steps per epoch, steps taken) for each epoch of the run; a scheduled
+    batch larger than the data set is capped at its size. A fractional last epoch takes that
+    fraction of its steps."""
+    plan, epoch, left = [], 0, float(c.epochs)
+    while left > 1e-12:
+        batch = min(_scheduled_batch(c, epoch), n)
+        if batch < 1:
+            raise ValueError(f"the batch schedule gave {batch} for epoch {epoch}: need >= 1")
+        per_epoch = n // batch
+        plan.append((epoch, batch, per_epoch, math.ceil(min(1.0, left) * per_epoch)))
+        epoch, left = epoch + 1, left - 1
+    return plan
 
 
 class _Diverged(Exception):

@@ -513,7 +513,7 @@ class LiveRun:
         (for example per-layer trust ratios); panel_axes: its make_figure arguments.
     summary: (live) -> HTML shown under the figure after every redraw (measured numbers).
     x_toggle: add a view control that switches the x axis between samples seen and
-        parameter updates.
+        parameter updates (True), or between the given (label, Metrics field) options.
     """
 
     def __init__(
@@ -537,7 +537,7 @@ class LiveRun:
         panel: Callable[[LiveRun], tuple[list[Trace], str]] | None = None,
         panel_axes: dict | None = None,
         summary: Callable[[LiveRun], str] | None = None,
-        x_toggle: bool = False,
+        x_toggle: bool | Sequence[tuple[str, str]] = False,
     ):
         self.name = name
         self.controls = dict(controls)
@@ -547,13 +547,16 @@ class LiveRun:
         self.max_history = max_history
         self.series = tuple(series)
         self.view_controls = dict(view_controls or {})
-        if x_toggle:
+        x_options = (
+            list(x_toggle)
+            if not isinstance(x_toggle, bool)
+            else ([(xlabel, "samples"), ("parameter updates", "step")] if x_toggle else [])
+        )
+        if x_options:
             self.view_controls["x"] = W.ToggleButtons(
-                options=[("samples seen", "samples"), ("parameter updates", "step")],
-                value="samples",
-                description="x axis",
+                options=x_options, value=x_options[0][1], description="x axis"
             )
-        self.xlabels = {"samples": xlabel, "step": "parameter updates"}
+        self.xlabels = {"samples": xlabel, **{v: k for k, v in x_options}}
         self.summary = summary
         self.summary_html = W.HTML()
         self.marks = marks
@@ -695,7 +698,7 @@ class LiveRun:
             newest = max((r.group for r in runs if not r.replayed), default=None)
             for run in runs:
                 active = run.group == newest and not run.replayed
-                data = run.series(view.get("x", "samples"))
+                data = run.series(view.get("x", "samples"))  # samples, step or epoch
                 for s in self.series:
                     xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
                     first = s is lead

@@ -1,0 +1,126 @@
+"""lessons.noise and batch-size schedules in the engine; lesson 4's widget headless."""
+
+import numpy as np
+import pytest
+
+from lessons import noise as N
+from lessons.train import TrainConfig, run
+
+
+def test_noise_scale_formula():
+    assert N.noise_scale(0.1, 9469, 128) == pytest.approx(0.1 * (9469 / 128 - 1))
+    assert N.noise_scale(0.1, 9469, 128, 0.9) == pytest.approx(10 * 0.1 * (9469 / 128 - 1))
+    assert N.noise_scale(0.1, 100, 100) == 0.0  # the full batch has no noise
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((0.1, 100, 200), "larger than the data set"),
+        ((0.1, 100, 10, 1.0), "momentum"),
+        ((0.1, 100, 10, -0.1), "momentum"),
+        ((0.0, 100, 10), "lr must be a positive"),
+        ((0.1, 100, 0), "batch must be a positive"),
+    ],
+)
+def test_noise_scale_errors(args, match):
+    with pytest.raises(ValueError, match=match):
+        N.noise_scale(*args)
+
+
+def test_schedules_share_one_noise_profile():
+    n, lr, batch, k = 9469, 0.1, 64, 3
+    plans = N.schedules(lr, batch, n, k, [3, 6, 8])
+    for epoch in range(10):
+        g = []
+        for o in plans.values():
+            e_lr = o["lr_at"](epoch) if "lr_at" in o else o["lr"]
+            e_b = o["batch_at"](epoch) if "batch_at" in o else o["batch"]
+            g.append(N.noise_scale(e_lr, n, e_b, 0.9))
+        expect = N.noise_scale(lr, n, batch, 0.9) / k ** sum(epoch >= m for m in (3, 6, 8))
+        # equal up to rounding the grown batch to a whole number of samples
+        assert max(abs(x / expect - 1) for x in g) < 1 / batch, (epoch, g, expect)
+    assert N.matching_batch(64, 9469, 3) == 189  # 9469 / (1 + (9469/64 - 1)/3) = 189.45
+    with pytest.raises(ValueError, match="k must be > 1"):
+        N.schedules(lr, batch, n, 1, [2])
+    with pytest.raises(ValueError, match="milestones"):
+        N.schedules(lr, batch, n, 2, [])
+
+
+def test_a_batch_schedule_changes_the_number_of_updates_exactly(shapes_ci):
+    n = shapes_ci.n_train
+    plans = N.schedules(0.05, 32, n, 2, [1, 2])
+    records = run(
+        TrainConfig.from_profile("ci", device="cpu", epochs=3, **plans["grow batch"]),
+        dataset=shapes_ci,
+    )
+    train = [r for r in records if r.kind == "train"]
+    batches = [32, N.matching_batch(32, n, 2), N.matching_batch(32, n, 4)]
+    assert len(train) == sum(n // b for b in batches)  # 62 + 31 + 16 for n = 2000
+    assert sorted({r.batch for r in train}) == batches
+    assert train[-1].samples == sum((n // b) * b for b in batches)
+    for r in train:  # lr, batch and the noise scale recorded with every point
+        assert r.extras["noise"] == pytest.approx(N.noise_scale(r.lr, n, r.batch, 0.9))
+    assert [round(r.epoch, 6) for r in records if r.kind == "eval"] == [1.0, 2.0, 3.0]
+
+
+def test_a_batch_larger_than_the_data_set_is_capped_with_a_notice(shapes_ci):
+    n = shapes_ci.n_train
+    c = TrainConfig.from_profile(
+        "ci", device="cpu", epochs=2, batch=500, batch_at=lambda e: 500 if e == 0 else 10 * n
+    )
+    records = run(c, dataset=shapes_ci)
+    train = [r for r in records if r.kind == "train"]
+    assert train[-1].batch == n
+    assert "capped" in train[0].extras["batch_notice"] and "[1]" in train[0].extras["batch_notice"]
+
+
+def test_simple_noise_scale_recovers_a_known_value():
+    rng = np.random.default_rng(0)
+    d = 20
+    mu = rng.standard_normal(d) * 0.3
+    scales = rng.uniform(0.5, 2.0, d)  # a diagonal covariance
+    truth = (scales**2).sum() / (mu**2).sum()
+
+    def batch_sq_norm(b):
+        g = mu + rng.standard_normal((b, d)) * scales
+        return float((g.mean(0) ** 2).sum())
+
+    small = [batch_sq_norm(8) for _ in range(4000)]
+    big = [batch_sq_norm(128) for _ in range(4000)]
+    est = N.simple_noise_scale(small, big, 8, 128, beta=None)
+    assert est == pytest.approx(truth, rel=0.1)
+    smoothed = N.simple_noise_scale(small, big, 8, 128, beta=0.999)
+    assert smoothed == pytest.approx(truth, rel=0.25)
+    with pytest.raises(ValueError, match="b_small < b_big"):
+        N.simple_noise_scale(small, big, 128, 8)
+
+
+def test_noise_probe_measures_on_the_model(shapes_ci):
+    probe = N.noise_probe(8, 128, repeats=4, n=512)
+    records = run(
+        TrainConfig.from_profile("ci", device="cpu", epochs=2, on_epoch=probe), dataset=shapes_ci
+    )
+    values = [r.extras["b_simple"] for r in records if r.kind == "eval"]
+    assert len(values) == 2 and all(np.isfinite(v) for v in values)
+
+
+@pytest.mark.usefixtures("private_run_log")
+def test_schedules_widget_trains_three_runs_with_panels():
+    from widgets import noise_scale as NS
+
+    live = NS.schedules_live(renderer="plotly")
+    runs = live.run_blocking(timeout=300)
+    assert list(runs) == ["decay lr", "grow batch", "hybrid"]
+    counts = NS.update_counts(live)
+    assert counts["grow batch"] < counts["hybrid"] < counts["decay lr"]
+    assert "updates" in live.summary_html.value
+    panel = {t["uid"]: t for t in live.panel_figure.traces()}
+    assert set(panel) == {"noise:decay lr", "noise:grow batch", "noise:hybrid"}
+    assert live.figure.fig.layout.xaxis.title.text == "epochs"  # the first x option
+    live.view_controls["x"].value = "step"
+    xs = {t.meta: t.x for t in live.figure.fig.data}
+    assert xs[f"{runs['grow batch'].id}:loss"][-1] == counts["grow batch"]
+    live.run_blocking(k=3, timeout=300)
+    cfg = live.make_config(live.values())
+    assert cfg["decay lr"].lr_at(4) == pytest.approx(0.05 / 9)

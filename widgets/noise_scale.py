@@ -1,0 +1,113 @@
+"""04 the noise scale: decay the learning rate, grow the batch, or both - side by side."""
+
+from __future__ import annotations
+
+import html
+
+import ipywidgets as W
+
+from lessons import noise as N
+from lessons.data import IMAGENETTE_COUNTS
+from lessons.profiles import get_profile
+from lessons.train import TrainConfig
+from widgets.live import COLORS, STYLE, LiveRun, Trace, log_slider
+
+
+def noise_panel(live: LiveRun) -> tuple[list[Trace], str]:
+    """The Smith-Le noise scale of each run of the newest request, against epochs."""
+    traces = []
+    for i, run in enumerate(live.last_group.values()):
+        pts = [m for m in run.records if m.kind == "train" and "noise" in m.extras]
+        traces.append(
+            Trace(
+                f"noise:{run.name}",
+                [m.epoch for m in pts],
+                [m.extras["noise"] for m in pts],
+                name=run.name,
+                color=COLORS[run.id % len(COLORS)],
+                dash=("solid", "dash", "dot")[i % 3],
+            )
+        )
+    return traces, "Noise scale g = lr / (1 - m) (N/B - 1)"
+
+
+def update_counts(live: LiveRun) -> dict[str, int]:
+    """Parameter updates each run of the newest request took."""
+    return {
+        r.name: max((m.step for m in r.records if m.kind == "train"), default=0)
+        for r in live.last_group.values()
+    }
+
+
+def summary(live: LiveRun) -> str:
+    rows = []
+    for r in live.last_group.values():
+        ev = r.last("eval")
+        if ev is None:
+            continue
+        rows.append(
+            f"<li>{html.escape(r.name)}: {update_counts(live)[r.name]:,} updates, "
+            f"final val loss {ev.val_loss:.3f}, val accuracy {ev.val_acc:.1%}</li>"
+        )
+    notice = next(
+        (
+            m.extras.get("batch_notice")
+            for r in live.last_group.values()
+            for m in r.records[:1]
+            if m.extras.get("batch_notice")
+        ),
+        None,
+    )
+    note = f"<br><i>{html.escape(notice)}</i>" if notice else ""
+    return f"<ul>{''.join(rows)}</ul>{note}" if rows else ""
+
+
+def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
+    """The three schedules of Smith et al. trained side by side."""
+    p = get_profile(profile)
+    n_train = p.n_train if p.dataset == "shapes" else IMAGENETTE_COUNTS["train"]
+    epochs = max(p.epochs, 6)
+    controls = {
+        "k": W.IntSlider(value=2, min=2, max=5, description="factor k", continuous_update=False),
+        "milestones": W.IntRangeSlider(
+            value=(2, 4),
+            min=1,
+            max=epochs - 1,
+            description="milestones (epochs)",
+            continuous_update=False,
+            style=STYLE,
+        ),
+        "momentum": W.SelectionSlider(
+            options=[0.0, 0.5, 0.9], value=0.9, description="momentum", continuous_update=False
+        ),
+        "lr": log_slider(0.05, "base lr", -3, 0),
+        "batch": W.SelectionSlider(
+            options=[b for b in (16, 32, 64, 128) if b <= n_train // 16],
+            value=32,
+            description="base batch",
+            continuous_update=False,
+            style=STYLE,
+        ),
+    }
+
+    def make_config(v: dict) -> dict[str, TrainConfig]:
+        ms = sorted(set(v["milestones"]))
+        plans = N.schedules(float(v["lr"]), int(v["batch"]), n_train, int(v["k"]), ms)
+        return {
+            name: TrainConfig.from_profile(
+                p.name, epochs=epochs, momentum=float(v["momentum"]), **o
+            )
+            for name, o in plans.items()
+        }
+
+    return LiveRun(
+        controls,
+        make_config,
+        name="04_noise_scale",
+        summary=summary,
+        x_toggle=[("epochs", "epoch"), ("parameter updates", "step")],
+        panel=noise_panel,
+        panel_axes=dict(xlabel="epoch", ylabel="noise scale g", ylog=True, height=300),
+        title=f"Decay the learning rate or grow the batch ({p.name} profile)",
+        **kwargs,
+    )
