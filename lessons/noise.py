@@ -78,13 +78,12 @@ def schedules(
     }
 
 
-def simple_noise_scale(
+def gradient_moments(
     g_small_sq, g_big_sq, b_small: int, b_big: int, beta: float | None = 0.9
-) -> float:
-    """B_simple = tr(Sigma) / |G|^2 from squared norms of batch-mean gradients measured at
-    two batch sizes (arrays over repeated measurements), with McCandlish et al.'s unbiased
-    estimators, each smoothed by a debiased EMA (``beta``; None: a plain mean) before the ratio
-    is taken:
+) -> tuple[float, float]:
+    """(|G|^2, tr Sigma) from squared norms of batch-mean gradients measured at two batch
+    sizes (arrays over repeated measurements), with McCandlish et al.'s unbiased estimators,
+    each smoothed by a debiased EMA (``beta``; None: a plain mean):
         |G|^2    ~ (B_big |G_big|^2 - B_small |G_small|^2) / (B_big - B_small)
         tr Sigma ~ (|G_small|^2 - |G_big|^2) / (1/B_small - 1/B_big)
     """
@@ -96,15 +95,21 @@ def simple_noise_scale(
     g2 = (b_big * big - b_small * small) / (b_big - b_small)
     trace = (small - big) / (1 / b_small - 1 / b_big)
     if beta is None:
-        g2_s, tr_s = g2.mean(), trace.mean()
-    else:
-        g2_s, tr_s = ema(g2, beta, debias=True)[-1], ema(trace, beta, debias=True)[-1]
-    if g2_s <= 0:
+        return float(g2.mean()), float(trace.mean())
+    return float(ema(g2, beta, debias=True)[-1]), float(ema(trace, beta, debias=True)[-1])
+
+
+def simple_noise_scale(
+    g_small_sq, g_big_sq, b_small: int, b_big: int, beta: float | None = 0.9
+) -> float:
+    """B_simple = tr(Sigma) / |G|^2, the ratio of the two smoothed estimates above."""
+    g2, trace = gradient_moments(g_small_sq, g_big_sq, b_small, b_big, beta)
+    if g2 <= 0:
         return float("inf")  # no signal left above the noise: any batch is "small"
-    return float(tr_s / g2_s)
+    return trace / g2
 
 
-def measure_simple_noise_scale(
+def measure_gradient_moments(
     model: torch.nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -113,9 +118,9 @@ def measure_simple_noise_scale(
     repeats: int = 8,
     seed: int = 0,
     beta: float | None = None,
-) -> float:
-    """B_simple of ``model`` at its current weights on the data (x, y) (x normalised float):
-    squared norms of the mean gradient over ``repeats`` random batches at each size."""
+) -> tuple[float, float]:
+    """(|G|^2, tr Sigma) of ``model`` at its current weights on the data (x, y) (x normalised
+    float): squared norms of the mean gradient over ``repeats`` random batches at each size."""
     gen = torch.Generator(device=x.device).manual_seed(seed)
     was_training = model.training
     model.eval()  # BatchNorm in eval mode: a batch's gradient does not depend on its size
@@ -132,7 +137,22 @@ def measure_simple_noise_scale(
     big = [sq_norm(b_big) for _ in range(repeats)]
     model.zero_grad()
     model.train(was_training)
-    return simple_noise_scale(small, big, b_small, b_big, beta)
+    return gradient_moments(small, big, b_small, b_big, beta)
+
+
+def measure_simple_noise_scale(
+    model,
+    x,
+    y,
+    b_small: int,
+    b_big: int,
+    repeats: int = 8,
+    seed: int = 0,
+    beta: float | None = None,
+) -> float:
+    """B_simple = tr Sigma / |G|^2 of ``model`` at its current weights (see above)."""
+    g2, trace = measure_gradient_moments(model, x, y, b_small, b_big, repeats, seed, beta)
+    return float("inf") if g2 <= 0 else trace / g2
 
 
 def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> Callable:

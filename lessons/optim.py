@@ -202,3 +202,91 @@ class Lamb(torch.optim.Optimizer):
                 t = self.state[p].get("trust") if p in self.state else None
                 out.append(t.float() if t is not None else torch.ones((), device=p.device))
         return torch.stack(out)
+
+
+class InvariantAdamW(torch.optim.Optimizer):
+    """Batch-size-invariant AdamW (Wang & Aitchison): square the micro-batch gradients first,
+    then average.
+
+    Call ``loss.backward()`` on each micro-batch (its loss the micro-batch mean) and then
+    ``accumulate()``, which adds the gradient and its square to running sums and clears it;
+    ``step()`` updates m with the mean gradient and v with the mean of the squared micro-batch
+    gradients (standard Adam squares the mean instead), with AdamW's bias correction and
+    decoupled weight decay, then resets the sums. With one accumulate() per step this is
+    exactly torch.optim.AdamW.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ):
+        if not (isinstance(lr, float | int) and lr >= 0 and math.isfinite(lr)):
+            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps!r}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        super().__init__(
+            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        )
+        self.micro_batches = 0
+
+    @torch.no_grad()
+    def accumulate(self) -> None:
+        """Add the current gradients (one micro-batch) and their squares; clear them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "grad_sum" not in state:
+                    state["grad_sum"] = torch.zeros_like(p)
+                    state["grad_sq_sum"] = torch.zeros_like(p)
+                state["grad_sum"].add_(p.grad)
+                state["grad_sq_sum"].addcmul_(p.grad, p.grad)
+                p.grad = None
+        self.micro_batches += 1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+            self.accumulate()
+        if self.micro_batches == 0:
+            raise RuntimeError(
+                "InvariantAdamW.step() needs at least one accumulate(): call loss.backward() "
+                "and then opt.accumulate() for every micro-batch, then opt.step()"
+            )
+        k = self.micro_batches
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            for p in group["params"]:
+                state = self.state[p]
+                if "grad_sum" not in state:
+                    continue
+                g = state["grad_sum"] / k
+                g2 = state["grad_sq_sum"] / k
+                if "step" not in state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                p.mul_(1 - lr * wd)
+                state["exp_avg"].lerp_(g, 1 - b1)
+                state["exp_avg_sq"].mul_(b2).add_(g2, alpha=1 - b2)
+                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**t)).add_(eps)
+                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
+                state["grad_sum"].zero_()
+                state["grad_sq_sum"].zero_()
+        self.micro_batches = 0
+        return loss

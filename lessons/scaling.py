@@ -118,6 +118,16 @@ def curve_gap(base_x, base_y, x, y, bins: int = 10) -> float:
     return float(np.mean(diffs))
 
 
+def sweep_spread(curves) -> float:
+    """How far apart the curves of a batch-size sweep are: per epoch, the largest minus the
+    smallest loss across the runs, averaged over the second half of the epochs."""
+    arr = np.asarray(curves, float)
+    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 1:
+        raise ValueError(f"need per-epoch losses of at least two runs, got shape {arr.shape}")
+    gap = arr.max(0) - arr.min(0)
+    return float(gap[arr.shape[1] // 2 :].mean())
+
+
 def quadratic_endpoints(lr: float, b: int, curvature=(1.0, 0.3, 0.05), w0=(1.0, 1.0, 1.0)):
     """b gradient steps at ``lr`` against one step at ``b * lr`` on the noise-free quadratic
     L(w) = 1/2 sum_i c_i w_i^2. Returns (w after b small steps, w after one big step, w0)."""

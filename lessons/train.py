@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from lessons import data as data_mod
 from lessons.models import NORMS, make_model
-from lessons.optim import Lamb
+from lessons.optim import InvariantAdamW, Lamb
 from lessons.profiles import get_profile, pick_device
 
 KINDS = ("train", "eval", "diverged", "stopped", "done")
@@ -85,6 +85,7 @@ class TrainConfig:
     lr_at: Callable[[int], float] | None = None  # learning rate of each epoch (a schedule)
     batch_at: Callable[[int], int] | None = None  # batch size of each epoch (a schedule)
     on_epoch: Callable | None = None  # (model, dataset, epoch) -> dict for the eval record
+    micro_batch: int | None = None  # kappa: micro-batches for an optimizer with accumulate()
     record_trust: bool = False  # keep the per-tensor trust ratios of a LAMB-like optimizer
     evaluate: bool = True
     device: str | None = None  # None: CUDA, then MPS, then CPU
@@ -134,6 +135,13 @@ class TrainConfig:
             )
         if self.schedule not in ("constant", "onecycle"):
             raise ValueError(f"schedule must be 'constant' or 'onecycle', got {self.schedule!r}")
+        if self.micro_batch is not None and (
+            self.micro_batch < 1 or self.batch % self.micro_batch or self.batch_at is not None
+        ):
+            raise ValueError(
+                f"the batch ({self.batch}) must be a whole multiple of the "
+                f"micro-batch ({self.micro_batch}), without a batch schedule"
+            )
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
@@ -165,8 +173,18 @@ def _lamb(c: TrainConfig, groups):
     return Lamb(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, **c.opt_options)
 
 
+def _invariant_adamw(c: TrainConfig, groups):
+    return InvariantAdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+
+
 # name -> factory(config, param_groups); lessons register their optimizers here
-OPTIMIZERS: dict[str, Callable] = {"sgd": _sgd, "adam": _adam, "adamw": _adamw, "lamb": _lamb}
+OPTIMIZERS: dict[str, Callable] = {
+    "sgd": _sgd,
+    "adam": _adam,
+    "adamw": _adamw,
+    "lamb": _lamb,
+    "invariant-adamw": _invariant_adamw,
+}
 
 
 def lr_multiplier(c: TrainConfig, step: int, total: int) -> float:
@@ -252,6 +270,7 @@ def train(
             f"images in epoch(s) {capped}: capped at {n:,}"
         )
     momentum = c.momentum if c.optimizer == "sgd" else 0.0
+    micro = c.micro_batch if c.micro_batch and hasattr(opt, "accumulate") else None
 
     step = 0
     samples = 0
@@ -327,11 +346,26 @@ def train(
                 lr = base_lr * lr_multiplier(c, step, total)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                    out = model(x)
-                loss = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if micro:  # one backward per micro-batch, each gradient kept by accumulate()
+                    parts = []
+                    for j in range(0, batch, micro):
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                            out = model(x[j : j + micro])
+                        part = F.cross_entropy(
+                            out.float(), y[j : j + micro], label_smoothing=c.label_smoothing
+                        )
+                        part.backward()
+                        opt.accumulate()
+                        parts.append(part.detach())
+                    loss = torch.stack(parts).mean()
+                else:
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        out = model(x)
+                    loss = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
+                    loss.backward()
+                    if hasattr(opt, "accumulate"):
+                        opt.accumulate()  # the whole batch as one micro-batch
                 opt.step()
                 step += 1
                 samples += batch
