@@ -44,6 +44,18 @@ LAMB_VARIANTS: dict[str, dict] = {
 }
 
 
+def _check_adam_args(lr, betas, eps, weight_decay) -> None:
+    """The arguments every Adam-like optimizer here shares; a ValueError names the bad one."""
+    if not (isinstance(lr, float | int) and lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
 def _norm(x: torch.Tensor, kind: str) -> torch.Tensor:
     return x.norm() if kind == "l2" else x.pow(2).mean().sqrt()
 
@@ -70,14 +82,7 @@ class Lamb(torch.optim.Optimizer):
         wd_outside_trust: bool = False,
         norm: str = "l2",
     ):
-        if not (isinstance(lr, float | int) and lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        _check_adam_args(lr, betas, eps, weight_decay)
         for name, value in (
             ("trust_clip", trust_clip),
             ("weight_norm_clip", weight_norm_clip),
@@ -224,14 +229,7 @@ class InvariantAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
     ):
-        if not (isinstance(lr, float | int) and lr >= 0 and math.isfinite(lr)):
-            raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if eps < 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+        _check_adam_args(lr, betas, eps, weight_decay)
         super().__init__(
             params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         )
