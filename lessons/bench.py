@@ -5,6 +5,8 @@ Measured in the same run, on the same model, batch and optimizer:
   (full decode, random resized crop, flip, to tensor, normalise), ``min(8, cores)`` workers;
 - engine: lessons.train with the split preloaded as uint8 on the device and augmentation on the
   device (the median of three timed runs);
+- micro_*: invariant AdamW with 8 micro-batches per batch (LayerNorm model), one backward per
+  micro-batch against all micro-batch gradients in one torch.func (vmap) pass;
 - first_point_s: from a start request to the first loss point of a new run (data warm);
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy.
 
@@ -164,6 +166,19 @@ def run_bench(
     engine = statistics.median(engine_img_per_s(timed, ds) for _ in range(3))
     folder = data.ensure_extracted(Path(ds.extras["archive"]), ds.extras["root_name"])
     baseline = baseline_img_per_s(base, folder, device, steps, warmup, workers)
+    # invariant Adam's micro-batches: a backward per micro-batch against one torch.func pass
+    micro = replace(
+        timed,
+        optimizer="invariant-adamw",
+        norm="layer",
+        lr=1e-3,
+        micro_batch=max(1, base.batch // 8),
+        max_steps=max(10, steps // 3) + 1,
+    )
+    micro_rates = {}
+    for vm in (False, True):
+        engine_img_per_s(replace(micro, micro_vmap=vm, max_steps=3), ds)  # warm up
+        micro_rates[vm] = engine_img_per_s(replace(micro, micro_vmap=vm), ds)
     first = first_point_s(base, ds)
     t0 = time.perf_counter()
     records = list(train(base, dataset=ds))
@@ -187,6 +202,9 @@ def run_bench(
         "engine_img_per_s": round(engine, 1),
         "baseline_img_per_s": round(baseline, 1),
         "speedup": round(engine / baseline, 2),
+        "micro_loop_img_per_s": round(micro_rates[False], 1),
+        "micro_vmap_img_per_s": round(micro_rates[True], 1),
+        "micro_vmap_speedup": round(micro_rates[True] / micro_rates[False], 2),
         "first_point_s": round(first, 4),
         "lesson_run_s": round(lesson_s, 2),
         "lesson_epochs": base.epochs,

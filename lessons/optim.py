@@ -252,6 +252,32 @@ class InvariantAdamW(torch.optim.Optimizer):
         self.micro_batches += 1
 
     @torch.no_grad()
+    def accumulate_many(self, grads) -> None:
+        """Add several micro-batches at once: ``grads`` holds, for every parameter in
+        param_groups order, a tensor [micro-batches, *parameter shape] (as torch.func.vmap
+        gives them)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        if len(grads) != len(params):
+            raise ValueError(
+                f"need one stacked gradient per parameter ({len(params)}), got {len(grads)}"
+            )
+        count = None
+        for p, g in zip(params, grads):
+            if g.shape[1:] != p.shape:
+                raise ValueError(
+                    f"a stacked gradient of shape {tuple(g.shape)} does not fit a "
+                    f"parameter of shape {tuple(p.shape)}"
+                )
+            count = g.shape[0]
+            state = self.state[p]
+            if "grad_sum" not in state:
+                state["grad_sum"] = torch.zeros_like(p)
+                state["grad_sq_sum"] = torch.zeros_like(p)
+            state["grad_sum"].add_(g.sum(0))
+            state["grad_sq_sum"].add_((g * g).sum(0))
+        self.micro_batches += count or 0
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:

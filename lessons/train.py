@@ -86,6 +86,7 @@ class TrainConfig:
     batch_at: Callable[[int], int] | None = None  # batch size of each epoch (a schedule)
     on_epoch: Callable | None = None  # (model, dataset, epoch) -> dict for the eval record
     micro_batch: int | None = None  # kappa: micro-batches for an optimizer with accumulate()
+    micro_vmap: bool = True  # all micro-batch gradients in one torch.func pass (no BatchNorm)
     record_trust: bool = False  # keep the per-tensor trust ratios of a LAMB-like optimizer
     evaluate: bool = True
     device: str | None = None  # None: CUDA, then MPS, then CPU
@@ -271,6 +272,20 @@ def train(
         )
     momentum = c.momentum if c.optimizer == "sgd" else 0.0
     micro = c.micro_batch if c.micro_batch and hasattr(opt, "accumulate") else None
+    vmapped = None
+    if micro and c.micro_vmap and c.norm != "batch" and micro < c.batch:
+        # BatchNorm mixes the samples of a micro-batch with running statistics: loop instead
+        from torch.func import functional_call, grad_and_value, vmap
+
+        buffers = dict(model.named_buffers())
+
+        def micro_loss(params, xb, yb):
+            out = functional_call(model, (params, buffers), (xb,))
+            return F.cross_entropy(out.float(), yb, label_smoothing=c.label_smoothing)
+
+        vmapped = vmap(grad_and_value(micro_loss), in_dims=(None, 0, 0))
+        by_id = {id(p): name for name, p in model.named_parameters()}
+        names_in_order = [by_id[id(p)] for g in groups for p in g["params"]]
 
     step = 0
     samples = 0
@@ -347,7 +362,17 @@ def train(
                 for g in opt.param_groups:
                     g["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                if micro:  # one backward per micro-batch, each gradient kept by accumulate()
+                if vmapped is not None:  # every micro-batch gradient in one pass
+                    shape = (batch // micro, micro)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        grads, parts = vmapped(
+                            {k: p.detach() for k, p in model.named_parameters()},
+                            x.reshape(*shape, *x.shape[1:]),
+                            y.reshape(shape),
+                        )
+                    opt.accumulate_many([grads[names_in_order[i]] for i in range(len(grads))])
+                    loss = parts.mean()
+                elif micro:  # one backward per micro-batch, each gradient kept by accumulate()
                     parts = []
                     for j in range(0, batch, micro):
                         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):

@@ -35,5 +35,7 @@ def test_bench_prints_one_json_object_with_ratios():
         assert result[key] > 0, key
     ratio = result["engine_img_per_s"] / result["baseline_img_per_s"]
     assert abs(result["speedup"] - ratio) < 0.01
+    micro = result["micro_vmap_img_per_s"] / result["micro_loop_img_per_s"]
+    assert abs(result["micro_vmap_speedup"] - micro) < 0.01
     assert result["profile"] == "ci" and result["steps"] == 6 and result["workers"] == 1
     assert 0 <= result["lesson_val_acc"] <= 1
