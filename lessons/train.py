@@ -86,7 +86,9 @@ class TrainConfig:
     batch_at: Callable[[int], int] | None = None  # batch size of each epoch (a schedule)
     on_epoch: Callable | None = None  # (model, dataset, epoch) -> dict for the eval record
     micro_batch: int | None = None  # kappa: micro-batches for an optimizer with accumulate()
-    micro_vmap: bool = True  # all micro-batch gradients in one torch.func pass (no BatchNorm)
+    # all micro-batch gradients in one torch.func pass (no BatchNorm); None: on CUDA only,
+    # where it measured 2.2x faster than the loop (on 2 CPU cores it was 0.6x)
+    micro_vmap: bool | None = None
     record_trust: bool = False  # keep the per-tensor trust ratios of a LAMB-like optimizer
     evaluate: bool = True
     device: str | None = None  # None: CUDA, then MPS, then CPU
@@ -273,7 +275,8 @@ def train(
     momentum = c.momentum if c.optimizer == "sgd" else 0.0
     micro = c.micro_batch if c.micro_batch and hasattr(opt, "accumulate") else None
     vmapped = None
-    if micro and c.micro_vmap and c.norm != "batch" and micro < c.batch:
+    use_vmap = c.micro_vmap if c.micro_vmap is not None else cuda
+    if micro and use_vmap and c.norm != "batch" and micro < c.batch:
         # BatchNorm mixes the samples of a micro-batch with running statistics: loop instead
         from torch.func import functional_call, grad_and_value, vmap
 
