@@ -14,9 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# Jupyter refuses to run as root (containers, Colab-like machines) without --allow-root
 lab: $(STAMP)
 	$(BIN)/python -m lessons.data --prepare
-	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 notebooks/00_start_here.ipynb
+	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root,) \
+		notebooks/00_start_here.ipynb
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
