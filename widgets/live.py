@@ -121,6 +121,16 @@ class RunRecord:
             "val_acc": ([getattr(r, x) for r in evals], [r.val_acc for r in evals]),
         }
 
+    @property
+    def color(self) -> str:
+        """The run's colour, the same in every figure and panel."""
+        return COLORS[self.id % len(COLORS)]
+
+    def result(self) -> str:
+        """The last validation numbers, as the status line says them ("" before any)."""
+        ev = self.last("eval")
+        return f"val accuracy {ev.val_acc:.1%}, val loss {ev.val_loss:.3f}" if ev else ""
+
     def last(self, kind: str) -> Metrics | None:
         return next((r for r in reversed(self.records) if r.kind == kind), None)
 
@@ -576,7 +586,6 @@ class LiveRun:
         self._pending: dict | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._busy = False
         self._idle = threading.Event()
         self._idle.set()
         self._suppress = False
@@ -710,7 +719,7 @@ class LiveRun:
                             name=run.display_label if first else f"{run.display_label} {s.label}",
                             mode=s.mode,
                             dash=s.dash,
-                            color=COLORS[run.id % len(COLORS)],
+                            color=run.color,
                             opacity=s.opacity * (1.0 if active else FADED),
                             width=s.width * (2.5 if active else 1.5),
                             axis=s.axis,
@@ -776,11 +785,7 @@ class LiveRun:
         group = list(self.last_group.values())
         if group and all(r.status == "done" for r in group) and len(configs) == len(group):
             notice = group[0].meta.get("notice")
-            parts = []
-            for r in group:
-                ev = r.last("eval")
-                acc = f"val accuracy {ev.val_acc:.1%}, val loss {ev.val_loss:.3f}" if ev else ""
-                parts.append(f"{r.name}: {acc}" if r.name else acc)
+            parts = [f"{r.name}: {r.result()}" if r.name else r.result() for r in group]
             self._set_status(
                 f"Done {self.label(values)} in {time.perf_counter() - t0:.1f} s: "
                 + "; ".join(parts)
@@ -853,8 +858,7 @@ class LiveRun:
         self._draw()
         secs = time.perf_counter() - t0
         if run.status == "done":
-            ev = run.last("eval")
-            acc = f": val accuracy {ev.val_acc:.1%}, val loss {ev.val_loss:.3f}" if ev else ""
+            acc = f": {run.result()}" if run.last("eval") else ""
             self._set_status(
                 f"Done {run.label} in {secs:.1f} s{acc}.{notice}", "warn" if notice else "ok"
             )

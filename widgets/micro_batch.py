@@ -10,7 +10,7 @@ import ipywidgets as W
 from lessons import scaling as S
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
-from widgets.live import COLORS, STYLE, LiveRun, Series, Trace, log_slider
+from widgets.live import STYLE, LiveRun, Series, Trace, log_slider
 
 SIZES = (16, 32, 64, 128, 256, 512)
 ADAM, INVARIANT = "Adam, sqrt rule", "invariant Adam, linear rule"
@@ -71,7 +71,7 @@ def invariant_panel(live: LiveRun) -> tuple[list[Trace], str]:
                     [m.epoch for m in pts],
                     [m.loss for m in pts],
                     name=run.name,
-                    color=COLORS[run.id % len(COLORS)],
+                    color=run.color,
                     width=1.5,
                 )
             )

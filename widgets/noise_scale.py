@@ -10,7 +10,7 @@ from lessons import noise as N
 from lessons.data import IMAGENETTE_COUNTS
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
-from widgets.live import COLORS, STYLE, LiveRun, Trace, log_slider
+from widgets.live import STYLE, LiveRun, Trace, log_slider
 
 
 def noise_panel(live: LiveRun) -> tuple[list[Trace], str]:
@@ -24,7 +24,7 @@ def noise_panel(live: LiveRun) -> tuple[list[Trace], str]:
                 [m.epoch for m in pts],
                 [m.extras["noise"] for m in pts],
                 name=run.name,
-                color=COLORS[run.id % len(COLORS)],
+                color=run.color,
                 dash=("solid", "dash", "dot")[i % 3],
             )
         )
@@ -40,13 +40,13 @@ def update_counts(live: LiveRun) -> dict[str, int]:
 
 
 def summary(live: LiveRun) -> str:
-    rows = []
+    rows, counts = [], update_counts(live)
     for r in live.last_group.values():
         ev = r.last("eval")
         if ev is None:
             continue
         rows.append(
-            f"<li>{html.escape(r.name)}: {update_counts(live)[r.name]:,} updates, "
+            f"<li>{html.escape(r.name)}: {counts[r.name]:,} updates, "
             f"final val loss {ev.val_loss:.3f}, val accuracy {ev.val_acc:.1%}</li>"
         )
     notice = next(
