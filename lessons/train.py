@@ -7,7 +7,9 @@ first point at once), so a GPU is not stalled by a host sync per step. The x axi
 record is ``samples`` seen, so runs at different batch sizes line up.
 
 A stop event ends the run within one step. A NaN or infinite loss ends it with a "diverged"
-record; the generator never raises for that, so a widget thread can show it.
+record, and so does a smoothed loss that climbs well above where it started (see
+``TrainConfig.diverge_factor``); the generator never raises for that, so a widget thread can
+show it.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class TrainConfig:
     micro_vmap: bool | None = None
     record_trust: bool = False  # keep the per-tensor trust ratios of a LAMB-like optimizer
     evaluate: bool = True
+    # With BatchNorm a far too large learning rate seldom gives NaN: it throws the net to
+    # worse than chance and keeps it there. So a run also counts as diverged when, after
+    # 20 steps, its smoothed loss (EMA 0.9) is above this many times its first loss.
+    diverge_factor: float | None = 1.5
     device: str | None = None  # None: CUDA, then MPS, then CPU
     flush_s: float = 0.1  # fetch losses from the device at most this often
     profile: str | None = None
@@ -299,6 +305,7 @@ def train(
         info["trust_names"] = [names[id(p)] for g in groups for p in g["params"]]
     pending: list[tuple] = []  # (step, samples, epoch, lr, batch, loss on device, trust)
     last_flush = 0.0
+    smooth = [0.0, 0.0, None]  # EMA of the loss, its weight, the first loss
 
     def flush() -> Iterator[Metrics]:
         """Fetch the pending losses in one transfer; a non-finite one ends the run."""
@@ -325,6 +332,11 @@ def train(
                     extras={**info, "reason": f"loss became {v} at step {s}"},
                 )
                 raise _Diverged
+            smooth[0] = 0.9 * smooth[0] + 0.1 * v
+            smooth[1] = 0.9 * smooth[1] + 0.1
+            if smooth[2] is None:
+                smooth[2] = v
+            ema = smooth[0] / smooth[1]
             extras = {"noise": r_lr / (1 - momentum) * (n / b - 1)}  # Smith & Le
             if s == 1:
                 extras.update(total_steps=total, batch_notice=info.get("batch_notice"))
@@ -333,6 +345,22 @@ def train(
                 if s == 1:
                     extras["trust_names"] = info["trust_names"]
             yield Metrics(s, seen, ep, v, r_lr, b, extras=extras)
+            if c.diverge_factor and s >= 20 and ema > c.diverge_factor * smooth[2]:
+                yield Metrics(
+                    s,
+                    seen,
+                    ep,
+                    v,
+                    r_lr,
+                    b,
+                    kind="diverged",
+                    extras={
+                        **info,
+                        "reason": f"smoothed loss rose to {ema:.3g}, above "
+                        f"{c.diverge_factor:g}x its first {smooth[2]:.3g}",
+                    },
+                )
+                raise _Diverged
 
     def marker(kind: str, **extras) -> Metrics:
         """A record that ends the run ("stopped", "done"), carrying the run's info."""

@@ -111,11 +111,14 @@ def test_stop_button_stops_and_says_so():
     assert live.last_run.records[-1].kind == "stopped"
 
 
-def test_diverging_run_is_shown_and_the_widget_stays_usable():
+def test_diverging_run_is_shown_and_the_widget_stays_usable(capfd):
     live = make_live()
-    run = live.run_blocking(lr=1e6, timeout=60)
+    run = live.run_blocking(lr=10.0, timeout=60)
     assert run.status == "diverged"
-    assert "Diverged" in live.status.value and "lower the learning rate" in live.status.value
+    step = run.records[-1].step
+    assert f"Diverged at step {step} " in live.status.value
+    assert "lower the learning rate" in live.status.value
+    assert "Traceback" not in capfd.readouterr().err
     run = live.run_blocking(lr=0.05, timeout=60)
     assert run.status == "done" and "Done" in live.status.value
 
@@ -255,3 +258,143 @@ def test_a_request_can_train_several_configs_side_by_side():
     assert all(opacity[f"{r.id}:loss"] < 1.0 for r in first.values())
     assert "small:" in live.status.value and "large:" in live.status.value
     assert len(live.log_path.read_text().splitlines()) == 4
+
+
+def test_cuda_out_of_memory_empties_the_allocator_and_the_next_run_is_fine(monkeypatch):
+    import torch
+
+    live = make_live()
+    emptied = []
+
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        yield
+
+    monkeypatch.setattr(live_mod, "train", oom)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
+    assert live.run_blocking(timeout=60).status == "error"
+    assert "ran out of memory" in live.status.value and "lower the batch size" in live.status.value
+    assert emptied == [1]
+    monkeypatch.undo()
+    assert live.run_blocking(timeout=60).status == "done"
+
+
+def test_a_slider_storm_leaves_one_thread_training_the_last_setting():
+    live = make_live(epochs=50)
+    slider = live.controls["lr"]
+    values = [0.01 + 0.002 * i for i in range(20)]
+    peak = []
+    t0 = time.perf_counter()
+    for v in values:  # 20 changes in 2 seconds, as a student dragging and releasing
+        slider.value = v
+        peak.append(len(live_threads()))
+        time.sleep(0.1)
+    assert time.perf_counter() - t0 < 3
+    wait_until(lambda: live.last_run is not None and len(live.last_run.records) > 3)
+    assert len(live_threads()) == 1 and max(peak) == 1
+    assert live.threads_started == 1
+    assert live.last_run.settings["lr"] == pytest.approx(values[-1])
+    assert live.last_run.status == "running"
+    live.stop()
+    assert live.wait(30) and not live_threads()
+    drawn = [t for t in live.traces() if t["opacity"] == 1.0 and t["uid"].endswith(":loss")]
+    assert [t["uid"] for t in drawn] == [f"{live.last_run.id}:loss"]
+    assert drawn[0]["points"] > 0
+    labels = {r.label for r in live.runs}
+    assert len(labels) == len(live.runs)  # no setting drawn twice
+
+
+def test_rerunning_the_cell_stops_the_old_widget():
+    old = make_live(epochs=50)
+    old.run_button.click()
+    wait_until(lambda: old.last_run is not None and old.last_run.records)
+    new = make_live()  # the same cell run again: the same name
+    assert old.wait(30), "the old widget kept training"
+    assert old.last_run.status == "stopped" and not live_threads()
+    assert new.run_blocking(timeout=60).status == "done"
+
+
+def test_an_interrupted_blocking_run_stops(monkeypatch):
+    live = make_live(epochs=50)
+    monkeypatch.setattr(live, "wait", lambda timeout=None: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        live.run_blocking(timeout=60)
+    monkeypatch.undo()
+    assert live.wait(30) and not live_threads()
+    assert live.last_run is None or live.last_run.status == "stopped"
+
+
+@pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])
+def test_export_saves_png_html_and_csv_of_every_run(tmp_path, renderer):
+    import csv
+
+    from PIL import Image
+
+    live = make_live(renderer)
+    a = live.run_blocking(lr=0.05, timeout=60)
+    b = live.run_blocking(lr=0.02, timeout=60)
+    paths = live.export(tmp_path / "out", stem="slide")
+    assert {k: p.name for k, p in paths.items()} == {
+        "png": "slide.png",
+        "html": "slide.html",
+        "csv": "slide.csv",
+    }
+    with Image.open(paths["png"]) as im:
+        assert im.format == "PNG" and im.width > 800
+    page = paths["html"].read_text()
+    assert len(page) > 1_000_000  # plotly.js is inlined: it opens offline
+    for run in (a, b):
+        assert run.label in page
+    rows = list(csv.DictReader(paths["csv"].open()))
+    for run in (a, b):
+        mine = [r for r in rows if r["run"] == str(run.id)]
+        assert len(mine) == len(run.records)
+        train = [r for r in mine if r["kind"] == "train"]
+        want = [r.loss for r in run.records if r.kind == "train"]
+        assert [float(r["loss"]) for r in train] == want  # repr round-trips floats exactly
+        assert {r["setting_lr"] for r in mine} == {str(run.settings["lr"])}
+        evals = [r for r in mine if r["kind"] == "eval"]
+        assert float(evals[-1]["val_acc"]) == run.last("eval").val_acc
+    assert not list((tmp_path / "out").glob(".tmp-*"))  # written atomically, nothing left over
+
+
+def test_export_button_says_where_and_a_failure_is_a_message(monkeypatch, tmp_path):
+    from lessons import data
+
+    live = make_live()
+    live.run_blocking(timeout=60)
+    monkeypatch.setattr(data, "data_dir", lambda: tmp_path)
+    live.export_button.click()
+    assert "Exported" in live.status.value and str(tmp_path / "exports") in live.status.value
+    assert len(list((tmp_path / "exports").glob("test-*.csv"))) == 1
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(data, "data_dir", lambda: blocker)  # exports/ cannot be made in a file
+    live.export_button.click()
+    assert "Export failed" in live.status.value
+    monkeypatch.undo()
+    assert live.run_blocking(timeout=60).status == "done"  # still usable
+
+
+@pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])
+def test_presenter_switch_enlarges_fonts_and_lines(renderer):
+    live = make_live(renderer)
+    live.run_blocking(timeout=60)
+    font = live.figure.font_size()
+    widths = [t.width for t in live.scene()[0]]
+    live.presenter.value = True
+    assert live.figure.font_size() >= 1.5 * font
+    assert [t.width for t in live.scene()[0]] == [2 * w for w in widths]
+    if renderer == "plotly":
+        assert [t.line.width for t in live.figure.fig.data] == [2 * w for w in widths]
+    live.presenter.value = False
+    assert live.figure.font_size() == font
+
+
+def test_presenter_mode_from_the_environment(monkeypatch):
+    monkeypatch.setenv("LESSONS_PRESENTER", "1")
+    assert make_live().presenter.value is True
+    monkeypatch.setenv("LESSONS_PRESENTER", "0")
+    assert make_live().presenter.value is False

@@ -62,6 +62,24 @@ def test_divergence_is_a_record_not_an_exception(shapes_ci):
     assert all(r.kind != "done" for r in records)
 
 
+def test_a_loss_stuck_far_above_its_start_is_divergence(shapes_ci):
+    # BatchNorm keeps lr=10 finite, but the net is thrown to worse than chance and stays there
+    records = run(ci(lr=10.0, epochs=2), dataset=shapes_ci)
+    last = records[-1]
+    assert last.kind == "diverged" and "smoothed loss rose to" in last.extras["reason"]
+    train = [r.loss for r in records if r.kind == "train"]
+    assert len(train) >= 20 and last.step == len(train)
+    ema = w = 0.0
+    for v in train:  # the rule, recomputed from the recorded losses
+        ema, w = 0.9 * ema + 0.1 * v, 0.9 * w + 0.1
+    assert ema / w > 1.5 * train[0]
+    undetected = run(ci(lr=10.0, epochs=2, diverge_factor=None), dataset=shapes_ci)
+    assert undetected[-1].kind == "done"
+    assert max(r.loss for r in undetected if r.kind == "train") > 1.5 * train[0]
+    # a sound run never trips it
+    assert run(ci(epochs=2), dataset=shapes_ci)[-1].kind == "done"
+
+
 def test_runs_repeat_bit_for_bit_on_cpu(shapes_ci):
     a = losses(run(ci(max_steps=8), dataset=shapes_ci))
     b = losses(run(ci(max_steps=8), dataset=shapes_ci))

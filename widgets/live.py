@@ -15,16 +15,19 @@ LESSONS_PLOT=plotly|matplotlib picks one; otherwise matplotlib on Colab, plotly 
 
 from __future__ import annotations
 
+import csv
 import html
 import io
 import json
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ipywidgets as W
@@ -282,6 +285,14 @@ class PlotlyFigure:
         self.widget = self.fig
         self._sent: dict[str, tuple] = {}
         self._marks: tuple = ()
+        self.scale = 1.0  # presenter mode: larger fonts (lines are scaled by LiveRun)
+
+    def set_scale(self, scale: float) -> None:
+        self.scale = scale
+        with self.fig.batch_update():
+            self.fig.layout.font.size = round(12 * scale)
+            self.fig.layout.title.font.size = round(16 * scale)
+        self._marks = ()  # mark labels are redrawn at the new size
 
     def draw(self, traces: Sequence[Trace], title: str = "", marks: Sequence[Mark] = ()) -> None:
         fig = self.fig
@@ -356,8 +367,8 @@ class PlotlyFigure:
                         text=m.label,
                         showarrow=False,
                         yanchor="bottom",
-                        yshift=14 * (i % 2),  # alternate heights: close marks stay legible
-                        font=dict(color=m.color, size=11),
+                        yshift=14 * self.scale * (i % 2),  # close marks stay legible
+                        font=dict(color=m.color, size=round(11 * self.scale)),
                     )
                     for i, m in enumerate(marks)
                 ]
@@ -380,6 +391,16 @@ class PlotlyFigure:
 
     def title(self) -> str:
         return self.fig.layout.title.text or ""
+
+    def font_size(self) -> float:
+        return self.fig.layout.font.size or 12
+
+    def write_html(self, path: Path) -> None:
+        """A standalone page (plotly.js inlined) that opens without a kernel or network."""
+        import plotly.io as pio
+
+        page = pio.to_html(self._go.Figure(self.fig), include_plotlyjs=True, full_html=True)
+        data_mod.atomic_write(path, lambda f: f.write(page), binary=False)
 
 
 class MatplotlibFigure:
@@ -410,6 +431,10 @@ class MatplotlibFigure:
         self._traces: list[dict] = []
         self._marks: list[dict] = []
         self._title = ""
+        self.scale = 1.0  # presenter mode: larger fonts (lines are scaled by LiveRun)
+
+    def set_scale(self, scale: float) -> None:
+        self.scale = scale  # used by the next draw
 
     def draw(self, traces: Sequence[Trace], title: str = "", marks: Sequence[Mark] = ()) -> None:
         ax, ax2 = self.ax, self.ax2
@@ -417,6 +442,7 @@ class MatplotlibFigure:
         if ax2 is not None:
             ax2.clear()
         dashes = {"solid": "-", "dash": "--", "dot": ":"}
+        fs = 9 * self.scale  # base font size
         self._traces = []
         for t in traces:
             target = ax2 if t.axis == "y2" and ax2 is not None else ax
@@ -444,23 +470,25 @@ class MatplotlibFigure:
                 m.label,
                 (m.x, 1.0 + 0.05 * (i % 2)),
                 xycoords=("data", "axes fraction"),
-                fontsize=8,
+                fontsize=fs - 1,
                 color=m.color,
                 ha="center",
                 va="bottom",
             )
         self._marks = [{"x": m.x, "label": m.label} for m in marks]
-        ax.set_xlabel(self.labels[0])
-        ax.set_ylabel(self.labels[1])
+        ax.set_xlabel(self.labels[0], fontsize=fs)
+        ax.set_ylabel(self.labels[1], fontsize=fs)
+        ax.tick_params(labelsize=fs - 1)
         if self.ylog and traces:
             ax.set_yscale("log")
         if ax2 is not None:
             ax2.yaxis.tick_right()  # clear() moves a twin axis back to the left
             ax2.yaxis.set_label_position("right")
-            ax2.set_ylabel(self.labels[2])
+            ax2.set_ylabel(self.labels[2], fontsize=fs)
+            ax2.tick_params(labelsize=fs - 1)
             if self.y2range:
                 ax2.set_ylim(*self.y2range)
-        ax.set_title(title, fontsize=10, pad=26 if marks else 6)
+        ax.set_title(title, fontsize=fs + 1, pad=(26 if marks else 6) * self.scale)
         self._title = title
         ax.grid(alpha=0.3)
         if any(t.showlegend for t in traces):
@@ -468,10 +496,16 @@ class MatplotlibFigure:
             if ax2 is not None:
                 more = ax2.get_legend_handles_labels()
                 handles, labels = handles + more[0], labels + more[1]
-            ax.legend(handles, labels, loc="best", fontsize=8)
+            ax.legend(handles, labels, loc="best", fontsize=fs - 1)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png")
         self.widget.value = buf.getvalue()
+
+    def font_size(self) -> float:
+        return self.ax.title.get_fontsize()
+
+    def write_png(self, path: Path, dpi: int = 150) -> None:
+        data_mod.atomic_write(path, lambda f: self.fig.savefig(f, format="png", dpi=dpi))
 
     def traces(self) -> list[dict]:
         return list(self._traces)
@@ -494,11 +528,78 @@ def make_figure(renderer: str | None = None, **kwargs) -> PlotlyFigure | Matplot
     return FIGURES[choose_renderer(renderer)](**kwargs)
 
 
+def free_gpu_memory() -> None:
+    """Give the cached allocator's blocks back after an out-of-memory error, so that the
+    next, smaller run (or another notebook) can have them."""
+    import gc
+
+    import torch
+
+    gc.collect()  # the failed run's tensors: frames of the traceback may still hold them
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- interrupts
+# Every LiveRun alive, by name: a re-run widget cell replaces (and stops) the old widget,
+# and a kernel interrupt stops them all.
+_LIVE: weakref.WeakValueDictionary[str, LiveRun] = weakref.WeakValueDictionary()
+
+
+def stop_all() -> int:
+    """Stop every run in flight, in every widget; returns how many were running."""
+    busy = [live for live in list(_LIVE.values()) if live.busy]
+    for live in busy:
+        live.stop()
+    return len(busy)
+
+
+def _sigint_idle(signum, frame) -> None:
+    stop_all()  # the kernel is idle: nothing else to interrupt
+
+
+def _sigint_busy(signum, frame) -> None:
+    stop_all()
+    raise KeyboardInterrupt  # and the cell that is running stops as usual
+
+
+def hook_kernel_interrupt() -> bool:
+    """Make Jupyter's interrupt button stop the runs training in the background.
+
+    ipykernel ignores SIGINT while idle (when a slider's run trains in a thread) and installs
+    Python's default handler while a cell runs, restoring ``kernel.saved_sigint_handler``
+    afterwards. So the idle handler goes into saved_sigint_handler, and the busy one into
+    every cell through pre_handler_hook. Returns False outside an IPython kernel."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    kernel = getattr(get_ipython(), "kernel", None)
+    if kernel is None or not hasattr(kernel, "pre_handler_hook"):
+        return False
+    if not getattr(kernel, "_lessons_interrupt_hooked", False):
+        pre = kernel.pre_handler_hook
+
+        def pre_handler_hook():
+            pre()
+            signal.signal(signal.SIGINT, _sigint_busy)
+
+        kernel.pre_handler_hook = pre_handler_hook
+        kernel._lessons_interrupt_hooked = True
+    kernel.saved_sigint_handler = _sigint_idle
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _sigint_busy)  # the cell running now
+    return True
+
+
 def describe_error(e: BaseException) -> str:
     """A message that says what happened and what to do."""
     import torch
 
     if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+        free_gpu_memory()
         return (
             "The GPU ran out of memory: lower the batch size (or restart the kernel to "
             "free memory held by other notebooks) and run again."
@@ -573,6 +674,8 @@ class LiveRun:
         self.renderer_name = choose_renderer(renderer)
         self.figure = make_figure(self.renderer_name, xlabel=xlabel, ylabel=ylabel, y2label=y2label)
         self.panel = panel
+        self.panel_axes = panel_axes
+        self._axes = dict(ylabel=ylabel, y2label=y2label)
         self.panel_figure = make_figure(self.renderer_name, **(panel_axes or {})) if panel else None
         self._draw_lock = threading.Lock()
         self.log_path = run_log_path(name)
@@ -595,12 +698,24 @@ class LiveRun:
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop")
         self.clear_button = W.Button(description="Clear old runs", icon="eraser")
+        self.export_button = W.Button(
+            description="Export", icon="download", tooltip="figure as PNG and HTML, runs as CSV"
+        )
+        self.presenter = W.ToggleButton(
+            value=os.environ.get("LESSONS_PRESENTER", "") not in ("", "0"),
+            description="Presenter",
+            icon="television",
+            tooltip="large fonts and thick lines for a projector",
+        )
+        self.export_links = W.HTML()
         self.status = W.HTML(value="Ready: move a slider or press Run.")
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="40%"))
         self.progress_text = W.Label(value="")
         self.run_button.on_click(lambda _: self.request(self.values()))
         self.stop_button.on_click(lambda _: self.stop())
         self.clear_button.on_click(lambda _: self.clear())
+        self.export_button.on_click(lambda _: self._export_clicked())
+        self.presenter.observe(lambda _: self._set_presenter(), names="value")
         if auto_run:
             for w in self.controls.values():
                 w.observe(self._on_change, names="value")
@@ -612,15 +727,32 @@ class LiveRun:
                     list(self.controls.values()) + list(self.view_controls.values()),
                     layout=W.Layout(flex_flow="row wrap"),
                 ),
-                W.HBox([self.run_button, self.stop_button, self.clear_button]),
+                W.HBox(
+                    [
+                        self.run_button,
+                        self.stop_button,
+                        self.clear_button,
+                        self.export_button,
+                        self.presenter,
+                    ],
+                    layout=W.Layout(flex_flow="row wrap"),
+                ),
                 self.status,
                 W.HBox([self.progress, self.progress_text]),
                 self.figure.widget,
                 self.summary_html,
                 *([self.panel_figure.widget] if self.panel_figure else []),
+                self.export_links,
             ]
         )
+        self._set_presenter(draw=False)
         self._draw()
+        # a re-run cell makes a new widget of the same name: the old one stops training
+        old = _LIVE.get(name)
+        if old is not None and old is not self:
+            old.stop()
+        _LIVE[name] = self
+        hook_kernel_interrupt()
 
     # ---- public API
     def _ipython_display_(self):
@@ -674,8 +806,14 @@ class LiveRun:
         finally:
             self._suppress = False
         self.request(self.values())
-        if not self.wait(timeout):
-            raise TimeoutError(f"the run did not finish in {timeout} s")
+        try:
+            finished = self.wait(timeout)
+        except KeyboardInterrupt:  # an interrupted cell leaves nothing training behind
+            self.stop()
+            raise
+        if not finished:
+            self.stop()
+            raise TimeoutError(f"the run did not finish in {timeout} s (it was stopped)")
         if len(self.last_group) > 1:
             return dict(self.last_group)
         return self.last_run
@@ -687,6 +825,46 @@ class LiveRun:
     def traces(self) -> list[dict]:
         return self.figure.traces()
 
+    def export(self, folder: str | Path | None = None, stem: str | None = None) -> dict:
+        """Save what the figure shows, every run on it: PNG (slides), standalone HTML
+        (interactive handouts, no kernel needed) and the runs' records as CSV. Returns
+        {"png": path, "html": path, "csv": path, ...}; each file is written atomically."""
+        folder = Path(folder) if folder is not None else data_mod.data_dir() / "exports"
+        stem = stem or f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        with self._draw_lock:
+            traces, title, marks = self.scene()
+            runs = list(self.runs)
+            panel = self._panel_scene() if self.panel else None
+        xlabel = self.xlabels[self.view().get("x", "samples")]
+        axes = dict(xlabel=xlabel, ylabel=self._axes["ylabel"], y2label=self._axes["y2label"])
+        paths = {"png": folder / f"{stem}.png", "html": folder / f"{stem}.html"}
+        png = MatplotlibFigure(**axes)
+        png.set_scale(self.figure.scale)
+        png.draw(traces, title, marks)
+        png.write_png(paths["png"])
+        page = PlotlyFigure(**axes)
+        page.set_scale(self.figure.scale)
+        page.draw(traces, title, marks)
+        page.write_html(paths["html"])
+        if panel is not None:
+            paths["panel_png"] = folder / f"{stem}-panel.png"
+            fig = MatplotlibFigure(**(self.panel_axes or {}))
+            fig.draw(*panel)
+            fig.write_png(paths["panel_png"])
+        paths["csv"] = folder / f"{stem}.csv"
+        data_mod.atomic_write(paths["csv"], lambda f: write_runs_csv(f, runs), binary=False)
+        return paths
+
+    def _export_clicked(self) -> None:
+        try:
+            paths = self.export()
+        except Exception as e:  # a full disk or a read-only folder: say so, stay usable
+            self._set_status(f"Export failed ({type(e).__name__}: {e}).", "error")
+            return
+        folder = paths["png"].parent
+        names = ", ".join(p.name for p in paths.values())
+        self._set_status(f"Exported {names} to {folder}", "ok")
+
     # ---- internals
     def _on_change(self, change) -> None:
         if not self._suppress:
@@ -696,45 +874,64 @@ class LiveRun:
         color = {"info": "#333", "ok": "#1a7f37", "warn": "#9a6700", "error": "#cf222e"}[level]
         self.status.value = f'<span style="color:{color}">{html.escape(text)}</span>'
 
+    def scene(self) -> tuple[list[Trace], str, list[Mark]]:
+        """What the figure shows: a trace per run and series, the title and the marks."""
+        title = self.title + (f" - {self._subtitle}" if self._subtitle else "")
+        runs, view = list(self.runs), self.view()
+        lw = 2.0 if self.presenter.value else 1.0
+        traces = []
+        # the legend names a run once, on its most prominent curve
+        lead = next((s for s in self.series if s.opacity >= 1), self.series[0])
+        newest = max((r.group for r in runs if not r.replayed), default=None)
+        for run in runs:
+            active = run.group == newest and not run.replayed
+            data = run.series(view.get("x", "samples"))  # samples, step or epoch
+            for s in self.series:
+                xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
+                first = s is lead
+                traces.append(
+                    Trace(
+                        uid=f"{run.id}:{s.key}",
+                        x=xs,
+                        y=ys,
+                        name=run.display_label if first else f"{run.display_label} {s.label}",
+                        mode=s.mode,
+                        dash=s.dash,
+                        color=run.color,
+                        opacity=s.opacity * (1.0 if active else FADED),
+                        width=s.width * (2.5 if active else 1.5) * lw,
+                        axis=s.axis,
+                        showlegend=first,
+                        group=str(run.id),
+                    )
+                )
+        marks = list(self.marks(self)) if self.marks else []
+        return traces, title, marks
+
     def _draw(self) -> None:
         """Redraw every run (thread-safe: the worker and view controls both call it)."""
-        title = self.title + (f" - {self._subtitle}" if self._subtitle else "")
         with self._draw_lock:
-            runs, view = list(self.runs), self.view()
-            traces = []
-            # the legend names a run once, on its most prominent curve
-            lead = next((s for s in self.series if s.opacity >= 1), self.series[0])
-            newest = max((r.group for r in runs if not r.replayed), default=None)
-            for run in runs:
-                active = run.group == newest and not run.replayed
-                data = run.series(view.get("x", "samples"))  # samples, step or epoch
-                for s in self.series:
-                    xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
-                    first = s is lead
-                    traces.append(
-                        Trace(
-                            uid=f"{run.id}:{s.key}",
-                            x=xs,
-                            y=ys,
-                            name=run.display_label if first else f"{run.display_label} {s.label}",
-                            mode=s.mode,
-                            dash=s.dash,
-                            color=run.color,
-                            opacity=s.opacity * (1.0 if active else FADED),
-                            width=s.width * (2.5 if active else 1.5),
-                            axis=s.axis,
-                            showlegend=first,
-                            group=str(run.id),
-                        )
-                    )
-            marks = self.marks(self) if self.marks else ()
-            self.figure.set_xlabel(self.xlabels[view.get("x", "samples")])
+            traces, title, marks = self.scene()
+            self.figure.set_xlabel(self.xlabels[self.view().get("x", "samples")])
             self.figure.draw(traces, title, marks)
             if self.summary is not None:
                 self.summary_html.value = self.summary(self)
             if self.panel_figure is not None:
-                self.panel_figure.draw(*self.panel(self))
+                self.panel_figure.draw(*self._panel_scene())
             self.redraws += 1
+
+    def _panel_scene(self) -> tuple[list[Trace], str]:
+        traces, title = self.panel(self)
+        lw = 2.0 if self.presenter.value else 1.0
+        return [replace(t, width=t.width * lw) for t in traces], title
+
+    def _set_presenter(self, draw: bool = True) -> None:
+        scale = 1.6 if self.presenter.value else 1.0
+        for fig in (self.figure, self.panel_figure):
+            if fig is not None:
+                fig.set_scale(scale)
+        if draw:
+            self._draw()
 
     def _worker(self) -> None:
         while True:
@@ -864,8 +1061,8 @@ class LiveRun:
             )
         elif run.status == "diverged":
             self._set_status(
-                f"Diverged ({last.extras.get('reason', 'loss not finite')}) with "
-                f"{run.label}: lower the learning rate and run again.",
+                f"Diverged at step {last.step} ({last.extras.get('reason', 'loss not finite')})"
+                f" with {run.label}: lower the learning rate and run again.",
                 "error",
             )
         elif self._pending is None:
@@ -895,6 +1092,48 @@ class LiveRun:
             unit="step",
             bar_format="{n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}]",
         )
+
+
+CSV_FIELDS = ("run", "label", "status", "device", "kind", "step", "samples", "epoch")
+
+
+def write_runs_csv(f, runs: Sequence[RunRecord]) -> None:
+    """One row per record of every run: its settings, where it ran, and every number."""
+    settings = list(dict.fromkeys(k for r in runs for k in r.settings))
+    numbers = list(
+        dict.fromkeys(
+            k
+            for r in runs
+            for rec in r.records
+            for k, v in {**rec.to_dict(), **rec.extras}.items()
+            if k not in CSV_FIELDS and k != "extras" and isinstance(v, (int, float))
+        )
+    )
+    writer = csv.writer(f)
+    writer.writerow([*CSV_FIELDS, *(f"setting_{k}" for k in settings), *numbers])
+    for run in runs:
+        for rec in run.records:
+            d = {**rec.to_dict(), **rec.extras}
+            writer.writerow(
+                [
+                    run.id,
+                    run.display_label,
+                    run.status,
+                    run.meta.get("device", ""),
+                    rec.kind,
+                    rec.step,
+                    rec.samples,
+                    rec.epoch,
+                    *(run.settings.get(k, "") for k in settings),
+                    *(_csv_number(d.get(k)) for k in numbers),
+                ]
+            )
+
+
+def _csv_number(v) -> str:
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return ""
+    return repr(v)
 
 
 def _fmt(x) -> str:
