@@ -86,3 +86,26 @@ def test_readme_leads_with_the_two_commands_and_ci_runs_the_test_one():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^lab:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "127.0.0.1" in makefile  # JupyterLab listens on loopback only
+
+
+def test_readme_has_a_colab_badge_per_notebook_for_the_setup_cells_repository():
+    readme = (ROOT / "README.md").read_text()
+    setup = "".join(json.loads(NOTEBOOKS[0].read_text())["cells"][0]["source"])
+    repo = re.search(r'"LESSONS_REPO", "https://github.com/([^"]+)"', setup).group(1)
+    badges = re.findall(
+        r"\[!\[Open In Colab\]\([^)]+\)\]\(https://colab\.research\.google\.com/github/"
+        r"([^/]+/[^/]+)/blob/main/(notebooks/[^)]+\.ipynb)\)",
+        readme,
+    )
+    assert sorted(path for _, path in badges) == [f"notebooks/{nb.name}" for nb in NOTEBOOKS]
+    assert {r for r, _ in badges} == {repo}
+
+
+def test_readme_reliability_table_names_tests_that_exist():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    named = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", section)
+    assert len(named) >= 12
+    for path, name in named:
+        source = (ROOT / path).read_text()
+        assert not name or re.search(rf"^def {name}\(", source, re.M), f"{path}::{name}"

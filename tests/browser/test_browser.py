@@ -1,0 +1,165 @@
+"""Every notebook run top to bottom in JupyterLab in a real browser, and the widgets driven
+with the keyboard and the mouse as a student would (see conftest.py for the set-up)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOKS = sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+PANEL = ".jp-NotebookPanel:not(.lm-mod-hidden)"
+
+PANEL_JS = """name => Array.from(window.jupyterapp.shell.widgets('main'))
+  .find(w => w.context && w.context.path === name && w.content && w.sessionContext)"""
+
+STATE_JS = (
+    """name => {
+  const w = ("""
+    + PANEL_JS
+    + """)(name);
+  if (!w || !w.content.model) return null;
+  const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
+  const cells = Array.from(w.content.model.cells).filter(c => c.type === 'code');
+  const errors = [];
+  cells.forEach((c, i) => c.outputs.toJSON().forEach(o => {
+    if (o.output_type === 'error') errors.push(`cell ${i}: ${o.ename}: ${o.evalue}`);
+  }));
+  return {
+    kernel: kernel ? kernel.status : 'none',
+    total: cells.length,
+    executed: cells.filter(c => c.executionCount !== null).length,
+    running: cells.filter(c => c.executionState === 'running').length,
+    errors,
+  };
+}"""
+)
+
+RUN_ALL_JS = (
+    """async name => {
+  const w = ("""
+    + PANEL_JS
+    + """)(name);
+  window.jupyterapp.shell.activateById(w.id);
+  await window.jupyterapp.commands.execute('notebook:run-all-cells');
+}"""
+)
+
+
+def state(page) -> dict | None:
+    return page.evaluate(STATE_JS, page.notebook)
+
+
+def wait_for(page, cond, timeout: float, what: str):
+    t0 = time.time()
+    while True:
+        s = state(page)
+        if s is not None and cond(s):
+            return s
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}: {s}")
+        time.sleep(0.25)
+
+
+def open_notebook(page, lab, name: str):
+    # a workspace of its own: JupyterLab restores no tab from an earlier test
+    page.goto(lab.url(f"lab/workspaces/{lab.workspace()}/tree/{name}"))
+    page.notebook = name
+    page.wait_for_selector(f"{PANEL} .jp-Cell", timeout=120_000)
+    wait_for(page, lambda s: s["kernel"] == "idle", 120, "the kernel to start")
+
+
+def run_all(page, timeout: float = 600) -> dict:
+    page.evaluate(RUN_ALL_JS, page.notebook)
+    return wait_for(
+        page,
+        lambda s: (
+            s["kernel"] == "idle"
+            and s["running"] == 0
+            and (s["executed"] == s["total"] or s["errors"])
+        ),
+        timeout,
+        "every cell to run",
+    )
+
+
+def live_widget(page, label: str):
+    """The LiveRun whose controls include ``label``: the innermost box holding the control,
+    the Run button and the figure."""
+    return (
+        page.locator(f"{PANEL} .widget-vbox")
+        .filter(has=page.locator(".widget-label", has_text=label))
+        .filter(has=page.locator("button", has_text="Stop"))
+        .filter(has=page.locator(".js-plotly-plot"))
+        .last
+    )
+
+
+def plotted(widget) -> list[int]:
+    """Points in each trace of the widget's plotly figure, read from the page."""
+    return plotted_in(widget.locator(".js-plotly-plot").first)
+
+
+def plotted_in(figure) -> list[int]:
+    return figure.evaluate("el => (el.data || []).map(t => (t.x || []).length)")
+
+
+def status(widget) -> str:
+    return widget.locator(".widget-html-content").first.inner_text()
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_all_cells_without_an_error(page, lab, name):
+    open_notebook(page, lab, name)
+    s = run_all(page)
+    assert not s["errors"], s["errors"]
+    assert s["executed"] == s["total"] > 0
+    # the widgets rendered: a live figure with its curves (not "Plotly is not defined")
+    figures = page.locator(f"{PANEL} .js-plotly-plot")
+    assert figures.count() > 0
+    assert max(max(plotted_in(f), default=0) for f in figures.all()) > 0
+
+
+@pytest.mark.parametrize(
+    "name, label, key",
+    [
+        ("00_start_here.ipynb", "batch size", "Home"),  # batch 16: the longest run
+        ("01_discounting_half_life_ema.ipynb", "beta1 / momentum", "ArrowLeft"),
+    ],
+)
+def test_keyboard_moves_a_slider_the_run_grows_and_stop_stops_it(page, lab, name, label, key):
+    open_notebook(page, lab, name)
+    run_all(page)
+    widget = live_widget(page, label)
+    widget.scroll_into_view_if_needed()
+    before = plotted(widget)
+    slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=label))
+    handle = slider.locator(".noUi-handle").first
+    handle.focus()
+    page.keyboard.press(key)
+    t0 = time.time()
+    while not status(widget).startswith("Running"):
+        assert time.time() - t0 < 30, f"no run started: {status(widget)!r}"
+        time.sleep(0.02)
+    widget.locator("button", has_text="Stop").click()
+    t0 = time.time()
+    while not status(widget).startswith(("Stopped", "Done")):
+        assert time.time() - t0 < 30, f"the run did not stop: {status(widget)!r}"
+        time.sleep(0.05)
+    assert status(widget).startswith("Stopped"), status(widget)
+    after = plotted(widget)
+    assert len(after) > len(before), (before, after)  # the new run's curves...
+    assert max(after[len(before) :]) > 0, after  # ...with the points it trained before Stop
+
+
+def test_matplotlib_renderer_in_the_browser(page, lab_matplotlib):
+    open_notebook(page, lab_matplotlib, "00_start_here.ipynb")
+    s = run_all(page)
+    assert not s["errors"] and s["executed"] == s["total"]
+    assert page.locator(f"{PANEL} .js-plotly-plot").count() == 0
+    images = page.locator(f"{PANEL} .widget-image")
+    assert images.count() > 0
+    sizes = [img.evaluate("el => [el.naturalWidth, el.naturalHeight]") for img in images.all()]
+    assert all(w > 300 and h > 200 for w, h in sizes), sizes
