@@ -30,6 +30,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python -m lessons.bench $(if $(PROFILE),--profile $(PROFILE),)
+	$(BIN)/python -m widgets.bench $(if $(PROFILE),--profile $(PROFILE),)
 
 clean:
 	rm -rf $(VENV) .cache

@@ -1,6 +1,7 @@
 """The benchmark runs end to end and reports ratios measured in one run (no timing asserts)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,3 +40,38 @@ def test_bench_prints_one_json_object_with_ratios():
     assert abs(result["micro_vmap_speedup"] - micro) < 0.01
     assert result["profile"] == "ci" and result["steps"] == 6 and result["workers"] == 1
     assert 0 <= result["lesson_val_acc"] <= 1
+
+
+def test_widget_bench_counts_front_end_messages_and_throttling_cuts_them(tmp_path):
+    env = {**os.environ, "LESSONS_DEVICE": "cpu"}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "widgets.bench",
+            "--profile",
+            "ci",
+            "--json",
+            "--renderer",
+            "plotly",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for renderer in ("plotly",):  # matplotlib too in `make bench`; slower, so not here
+        r = result[renderer]
+        throttled, every = r["throttled"], r["unthrottled"]
+        assert throttled["points"] == every["points"] > 0  # the same run, twice
+        # unthrottled: a redraw per fetch of records from the engine; throttled: fewer
+        assert every["redraws"] > throttled["redraws"] > 0
+        assert every["messages"] > throttled["messages"] > 0
+        assert r["message_ratio"] == round(every["messages"] / throttled["messages"], 2)
+    # a plotly redraw is one batched update: a handful of messages, never one per trace
+    assert (
+        result["plotly"]["throttled"]["messages"]
+        <= 4 * result["plotly"]["throttled"]["redraws"] + 20
+    )
