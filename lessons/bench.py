@@ -8,7 +8,10 @@ Measured in the same run, on the same model, batch and optimizer:
 - micro_*: invariant AdamW with 8 micro-batches per batch (LayerNorm model), one backward per
   micro-batch against all micro-batch gradients in one torch.func (vmap) pass;
 - first_point_s: from a start request to the first loss point of a new run (data warm);
-- lesson_run_s: one default run of the profile, evaluation included, and its val accuracy.
+- lesson_run_s: one default run of the profile, evaluation included, and its val accuracy;
+- sweep_*: a 4-run sweep (learning rates 0.5x, 1x, 2x, 4x the default) one run after the other
+  against the four side by side (lessons.train.train_many: a thread per run, on CUDA a stream
+  per run), each as a multiple of one run.
 
 Where Imagenette cannot be had, the bench uses the generated data set at Imagenette's size
 (9,469 train / 3,925 val images of 160 px) and says so in its output.
@@ -34,7 +37,7 @@ from PIL import Image
 from lessons import data
 from lessons.models import make_model
 from lessons.profiles import get_profile, pick_device
-from lessons.train import OPTIMIZERS, TrainConfig, _param_groups, train
+from lessons.train import OPTIMIZERS, TrainConfig, _param_groups, train, train_many
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -183,6 +186,13 @@ def run_bench(
     t0 = time.perf_counter()
     records = list(train(base, dataset=ds))
     lesson_s = time.perf_counter() - t0
+    sweep = {f"lr x{m:g}": replace(base, lr=base.lr * m) for m in (0.5, 1, 2, 4)}
+    sweep_s = {}
+    for together in (False, True):
+        t0 = time.perf_counter()
+        for _ in train_many(sweep, datasets=dict.fromkeys(sweep, ds), concurrent=together):
+            pass
+        sweep_s[together] = time.perf_counter() - t0
     evals = [r for r in records if r.kind == "eval"]
     return {
         "profile": profile.name,
@@ -209,6 +219,11 @@ def run_bench(
         "lesson_run_s": round(lesson_s, 2),
         "lesson_epochs": base.epochs,
         "lesson_val_acc": round(evals[-1].val_acc, 4) if evals else None,
+        "sweep_runs": len(sweep),
+        "sweep_sequential_s": round(sweep_s[False], 2),
+        "sweep_concurrent_s": round(sweep_s[True], 2),
+        "sweep_sequential_over_one_run": round(sweep_s[False] / lesson_s, 2),
+        "sweep_concurrent_over_one_run": round(sweep_s[True] / lesson_s, 2),
     }
 
 

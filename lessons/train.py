@@ -14,7 +14,10 @@ show it.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -251,8 +254,9 @@ def train(
     channels_last = device.type in ("cuda", "cpu")  # faster convolutions on both
     t_start = time.perf_counter()
 
-    torch.manual_seed(c.seed)
-    model = make_model(len(ds.classes), c.width, c.depth, c.norm).to(device)
+    with _INIT_LOCK:  # the global RNG: runs started side by side must not interleave here
+        torch.manual_seed(c.seed)
+        model = make_model(len(ds.classes), c.width, c.depth, c.norm).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = _param_groups(model, c.weight_decay)
@@ -475,6 +479,85 @@ def _plan(c: TrainConfig, n: int) -> list[tuple[int, int, int, int]]:
 
 class _Diverged(Exception):
     pass
+
+
+_INIT_LOCK = threading.Lock()
+
+
+def concurrent_by_default(device: torch.device) -> bool:
+    """Whether several runs should train side by side: on CUDA, where one small model leaves
+    most of the GPU idle, unless LESSONS_CONCURRENT=0; elsewhere only with LESSONS_CONCURRENT=1
+    (on a CPU the runs would only share the same cores)."""
+    env = os.environ.get("LESSONS_CONCURRENT", "")
+    if env:
+        return env not in ("0", "false", "no")
+    return device.type == "cuda"
+
+
+def train_many(
+    configs: dict[str, TrainConfig],
+    stop: threading.Event | None = None,
+    datasets: dict[str, data_mod.Dataset] | None = None,
+    concurrent: bool | None = None,
+) -> Iterator[tuple[str, Metrics]]:
+    """Train several configs, yielding (name, record) as each arrives.
+
+    Concurrently (``concurrent``; None: see concurrent_by_default): a thread per run, on CUDA
+    each on a stream of its own so that their kernels overlap; the records of different runs
+    interleave. Otherwise one run after the other. Each run's records are the ones ``train``
+    gives on its own. ``stop`` ends every run within a step; closing the generator too."""
+    stop = stop or threading.Event()
+    datasets = datasets or {}
+    if not configs:
+        return
+    if concurrent is None:
+        first = next(iter(configs.values()))
+        device = first.device or (datasets and next(iter(datasets.values())).device)
+        concurrent = concurrent_by_default(torch.device(device) if device else pick_device())
+    if not concurrent or len(configs) == 1:
+        for name, c in configs.items():
+            for rec in train(c, stop, dataset=datasets.get(name)):
+                yield name, rec
+            if stop.is_set():
+                return
+        return
+    out: queue.Queue = queue.Queue()
+    done = object()
+
+    def worker(name: str, c: TrainConfig) -> None:
+        try:
+            ds = datasets.get(name)
+            cuda = (ds.device.type if ds else torch.device(c.device or "cpu").type) == "cuda"
+            ctx = torch.cuda.stream(torch.cuda.Stream()) if cuda else contextlib.nullcontext()
+            with ctx:
+                for rec in train(c, stop, dataset=ds):
+                    out.put((name, rec))
+        except BaseException as e:  # handed to the consumer, raised there
+            out.put((name, e))
+        finally:
+            out.put((name, done))
+
+    threads = [
+        threading.Thread(target=worker, args=(name, c), daemon=True, name=f"train-{name}")
+        for name, c in configs.items()
+    ]
+    for t in threads:
+        t.start()
+    running = len(threads)
+    try:
+        while running:
+            name, item = out.get()
+            if item is done:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield name, item
+    finally:
+        if running:  # closed early, or a run failed: the others stop too
+            stop.set()
+        for t in threads:
+            t.join()
 
 
 def run(config: TrainConfig, **kwargs) -> list[Metrics]:

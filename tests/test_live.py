@@ -9,6 +9,7 @@ import ipywidgets as W
 import pytest
 
 from lessons.train import TrainConfig
+from lessons.train import run as train_run
 from widgets import live as live_mod
 from widgets.live import LiveRun
 from widgets.start import start_here
@@ -239,7 +240,9 @@ def test_a_rerun_replaces_the_older_curve_of_the_same_settings():
     assert {t["uid"].split(":")[0] for t in live.traces()} == {str(other.id), str(again.id)}
 
 
-def test_a_request_can_train_several_configs_side_by_side():
+@pytest.mark.parametrize("concurrent", ["0", "1"])
+def test_a_request_can_train_several_configs_side_by_side(monkeypatch, concurrent):
+    monkeypatch.setenv("LESSONS_CONCURRENT", concurrent)  # one after the other, or together
     controls = {"lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=0)}
 
     def make_config(v):
@@ -258,6 +261,32 @@ def test_a_request_can_train_several_configs_side_by_side():
     assert all(opacity[f"{r.id}:loss"] < 1.0 for r in first.values())
     assert "small:" in live.status.value and "large:" in live.status.value
     assert len(live.log_path.read_text().splitlines()) == 4
+    # together or not, each run's records are the ones it gives on its own
+    alone = train_run(make_config({"lr": 0.02})["small"])
+    assert [r.loss for r in second["small"].records] == [r.loss for r in alone]
+
+
+def test_runs_trained_together_grow_together_and_stop_together(monkeypatch):
+    monkeypatch.setenv("LESSONS_CONCURRENT", "1")
+    controls = {"lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=0)}
+
+    def make_config(v):
+        return {
+            name: TrainConfig.from_profile("ci", device="cpu", lr=v["lr"], batch=b, epochs=50)
+            for name, b in (("small", 32), ("large", 128))
+        }
+
+    live = LiveRun(controls, make_config, name="together", replay=False)
+    live.run_button.click()
+    wait_until(lambda: len(live.last_group) == 2 and all(r.records for r in live.runs))
+    assert "side by side" in live.status.value
+    trainers = [t for t in threading.enumerate() if t.name.startswith("train-")]
+    assert sorted(t.name for t in trainers) == ["train-large", "train-small"]
+    live.stop()
+    assert live.wait(30)
+    assert {r.status for r in live.last_group.values()} == {"stopped"}
+    assert "Stopped 2 runs" in live.status.value
+    assert not [t for t in threading.enumerate() if t.name.startswith(("train-", "LiveRun-"))]
 
 
 def test_cuda_out_of_memory_empties_the_allocator_and_the_next_run_is_fine(monkeypatch):

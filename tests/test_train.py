@@ -172,3 +172,62 @@ def test_lessons_imports_without_ui_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_train_many_side_by_side_gives_each_run_its_own_records(shapes_ci):
+    import threading
+
+    from lessons.train import train_many
+
+    configs = {f"b{b}": ci(batch=b, lr=0.05 * b / 64, epochs=1) for b in (32, 128)}
+    datasets = dict.fromkeys(configs, shapes_ci)
+    got = {k: [] for k in configs}
+    order = []
+    for name, rec in train_many(configs, datasets=datasets, concurrent=True):
+        got[name].append(rec)
+        order.append(name)
+    for name, c in configs.items():
+        alone = run(c, dataset=shapes_ci)
+        assert [(r.kind, r.step, r.loss) for r in got[name]] == [
+            (r.kind, r.step, r.loss) for r in alone
+        ]
+    # interleaved: the small-batch run had records after the large-batch run began
+    assert order.index("b128") < len(order) - 1 - order[::-1].index("b32")
+    sequential = [n for n, _ in train_many(configs, datasets=datasets, concurrent=False)]
+    assert sequential == sorted(sequential, key=list(configs).index)  # one after the other
+
+    stop = threading.Event()
+    seen = {k: 0 for k in configs}
+    long = {k: ci(batch=c.batch, epochs=50) for k, c in configs.items()}
+    for name, rec in train_many(long, stop, datasets, concurrent=True):
+        seen[name] += rec.kind == "train"
+        if min(seen.values()) >= 3:
+            stop.set()
+    assert max(seen.values()) < 200  # both ended within a few steps of the stop
+    assert not [t for t in threading.enumerate() if t.name.startswith("train-")]
+
+
+def test_train_many_raises_a_runs_error_and_stops_the_others(shapes_ci):
+    import threading
+
+    from lessons.train import train_many
+
+    configs = {"fine": ci(epochs=50), "bad": ci(batch=10**6)}  # larger than the data set
+    with pytest.raises(ValueError, match="larger than"):
+        for _ in train_many(configs, datasets=dict.fromkeys(configs, shapes_ci), concurrent=True):
+            pass
+    assert not [t for t in threading.enumerate() if t.name.startswith("train-")]
+
+
+def test_concurrent_by_default_only_on_cuda(monkeypatch):
+    import torch
+
+    from lessons.train import concurrent_by_default
+
+    monkeypatch.delenv("LESSONS_CONCURRENT", raising=False)
+    assert concurrent_by_default(torch.device("cuda")) is True
+    assert concurrent_by_default(torch.device("cpu")) is False
+    monkeypatch.setenv("LESSONS_CONCURRENT", "1")
+    assert concurrent_by_default(torch.device("cpu")) is True
+    monkeypatch.setenv("LESSONS_CONCURRENT", "0")
+    assert concurrent_by_default(torch.device("cuda")) is False

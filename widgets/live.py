@@ -35,7 +35,14 @@ from tqdm.auto import tqdm
 
 from lessons import data as data_mod
 from lessons.profiles import pick_device
-from lessons.train import Metrics, TrainConfig, load_data, train
+from lessons.train import (
+    Metrics,
+    TrainConfig,
+    concurrent_by_default,
+    load_data,
+    train,
+    train_many,
+)
 
 COLORS = [
     "#1f77b4",
@@ -966,7 +973,10 @@ class LiveRun:
             return
         self._group += 1
         t0 = time.perf_counter()
-        for i, (name, config) in enumerate(configs.items()):
+        together = len(configs) > 1 and concurrent_by_default(next(iter(data.values())).device)
+        if together:
+            self._train_together(values, configs, data, stop)
+        for i, (name, config) in enumerate({} if together else configs.items()):
             if stop.is_set():
                 break
             run = self._train_one(
@@ -993,10 +1003,84 @@ class LiveRun:
 
     def _train_one(self, values, name, config, ds, stop, of: str) -> RunRecord | None:
         """Train one config into a new RunRecord of the current group; say how it ended."""
+        run = self._start_run(values, name, config, ds)
+        self._set_status(
+            f"Running {run.label}{of} on {ds.device} ({ds.name}).{_notice(ds)}",
+            "warn" if ds.notice else "info",
+        )
+        t0 = time.perf_counter()
+        last_draw = 0.0
+        total = 1
+        try:
+            for rec in train(config, stop, dataset=ds):
+                run.records.append(rec)
+                total = rec.extras.get("total_steps", total)
+                now = time.perf_counter()
+                if now - last_draw >= self.figure.min_interval:
+                    self._progress(rec.step, total, now - t0)
+                    self._draw()
+                    last_draw = now
+        except Exception as e:
+            run.status = "error"
+            self._progress(
+                run.records[-1].step if run.records else 0, total, time.perf_counter() - t0
+            )
+            self._draw()
+            self._set_status(describe_error(e), "error")
+            return run
+        last = run.records[-1] if run.records else None
+        self._progress(last.step if last else 0, total, time.perf_counter() - t0)
+        self._finish_run(run, name, total, time.perf_counter() - t0, say=True)
+        self._draw()
+        return run
+
+    def _train_together(self, values, configs, data, stop) -> None:
+        """Train every config of a request side by side (lessons.train.train_many): their
+        curves grow together; the progress line counts the steps of all of them."""
+        runs = {name: self._start_run(values, name, c, data[name]) for name, c in configs.items()}
+        ds = next(iter(data.values()))
+        self._set_status(
+            f"Running {len(runs)} runs side by side on {ds.device} ({ds.name}): "
+            f"{self.label(values)}.{_notice(ds)}",
+            "warn" if ds.notice else "info",
+        )
+        t0 = time.perf_counter()
+        last_draw = 0.0
+        totals = {name: 1 for name in runs}
+        steps = dict.fromkeys(runs, 0)
+        try:
+            for name, rec in train_many(configs, stop, data, concurrent=True):
+                runs[name].records.append(rec)
+                totals[name] = rec.extras.get("total_steps", totals[name])
+                steps[name] = rec.step
+                now = time.perf_counter()
+                if now - last_draw >= self.figure.min_interval:
+                    self._progress(sum(steps.values()), sum(totals.values()), now - t0)
+                    self._draw()
+                    last_draw = now
+        except Exception as e:
+            for run in runs.values():
+                run.status = "error"
+            self._draw()
+            self._set_status(describe_error(e), "error")
+            return
+        self._progress(sum(steps.values()), sum(totals.values()), time.perf_counter() - t0)
+        for name, run in runs.items():
+            self._finish_run(run, name, totals[name], time.perf_counter() - t0, say=False)
+        self._draw()
+        bad = [r for r in runs.values() if r.status == "diverged"]
+        if bad:
+            self._set_status(
+                "; ".join(_diverged_text(r) for r in bad) + ": lower the learning rate.", "error"
+            )
+        elif any(r.status == "stopped" for r in runs.values()) and self._pending is None:
+            self._set_status(f"Stopped {len(runs)} runs of {self.label(values)}.", "warn")
+
+    def _start_run(self, values, name, config, ds) -> RunRecord:
+        """A new RunRecord of the current group, on the figure at once."""
         self._subtitle = ds.name + (
             " - GENERATED DATA, Imagenette unavailable" if ds.notice else ""
         )
-        notice = f" NOTICE: {ds.notice}" if ds.notice else ""
         label = self.label(values)
         with self._cond:
             self._next_id += 1
@@ -1020,52 +1104,28 @@ class LiveRun:
             self.last_run = run
             self.last_group[name] = run
             self._trim()
-        self._set_status(
-            f"Running {run.label}{of} on {ds.device} ({ds.name}).{notice}",
-            "warn" if notice else "info",
-        )
-        t0 = time.perf_counter()
-        last_draw = 0.0
-        total = 1
-        try:
-            for rec in train(config, stop, dataset=ds):
-                run.records.append(rec)
-                total = rec.extras.get("total_steps", total)
-                now = time.perf_counter()
-                if now - last_draw >= self.figure.min_interval:
-                    self._progress(rec.step, total, now - t0)
-                    self._draw()
-                    last_draw = now
-        except Exception as e:
-            run.status = "error"
-            self._progress(
-                run.records[-1].step if run.records else 0, total, time.perf_counter() - t0
-            )
-            self._draw()
-            self._set_status(describe_error(e), "error")
-            return run
+        return run
+
+    def _finish_run(self, run: RunRecord, name: str, total: int, secs: float, say: bool):
+        """Set how the run ended, say so (``say``) and append it to the run log."""
         last = run.records[-1] if run.records else None
         kind = last.kind if last else "stopped"
         run.status = {"done": "done", "diverged": "diverged"}.get(kind, "stopped")
-        self._progress(last.step if last else 0, total, time.perf_counter() - t0)
         if run.status == "stopped" and not any(r.kind == "train" for r in run.records):
             with self._cond:  # superseded before its first point: nothing worth keeping
-                self.runs.remove(run)
+                if run in self.runs:
+                    self.runs.remove(run)
                 self.last_group.pop(name, None)
-        self._draw()
-        secs = time.perf_counter() - t0
-        if run.status == "done":
+        notice = f" NOTICE: {run.meta['notice']}" if run.meta.get("notice") else ""
+        if say and run.status == "done":
             acc = f": {run.result()}" if run.last("eval") else ""
             self._set_status(
                 f"Done {run.label} in {secs:.1f} s{acc}.{notice}", "warn" if notice else "ok"
             )
-        elif run.status == "diverged":
-            self._set_status(
-                f"Diverged at step {last.step} ({last.extras.get('reason', 'loss not finite')})"
-                f" with {run.label}: lower the learning rate and run again.",
-                "error",
-            )
-        elif self._pending is None:
+        elif say and run.status == "diverged":
+            text = _diverged_text(run)
+            self._set_status(f"{text}: lower the learning rate and run again.", "error")
+        elif say and self._pending is None:
             self._set_status(
                 f"Stopped {run.label} at step {last.step if last else 0} of {total}.", "warn"
             )
@@ -1074,7 +1134,6 @@ class LiveRun:
                 append_run(self.log_path, run)
             except OSError as e:
                 self._set_status(f"{self.status.value} (could not save the run log: {e})")
-        return run
 
     def _trim(self) -> None:
         """Keep the newest request's runs and those of the ``max_history`` before it."""
@@ -1134,6 +1193,18 @@ def _csv_number(v) -> str:
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
         return ""
     return repr(v)
+
+
+def _notice(ds) -> str:
+    return f" NOTICE: {ds.notice}" if ds.notice else ""
+
+
+def _diverged_text(run: RunRecord) -> str:
+    last = run.records[-1]
+    return (
+        f"Diverged at step {last.step} ({last.extras.get('reason', 'loss not finite')})"
+        f" with {run.label}"
+    )
 
 
 def _fmt(x) -> str:
