@@ -240,18 +240,23 @@ def test_a_rerun_replaces_the_older_curve_of_the_same_settings():
     assert {t["uid"].split(":")[0] for t in live.traces()} == {str(other.id), str(again.id)}
 
 
-@pytest.mark.parametrize("concurrent", ["0", "1"])
-def test_a_request_can_train_several_configs_side_by_side(monkeypatch, concurrent):
-    monkeypatch.setenv("LESSONS_CONCURRENT", concurrent)  # one after the other, or together
+def group_live(name: str, epochs: float):
+    """A LiveRun whose every request trains two batch sizes ("small" 32, "large" 128)."""
     controls = {"lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=0)}
 
     def make_config(v):
         return {
-            name: TrainConfig.from_profile("ci", device="cpu", lr=v["lr"], batch=b, epochs=1)
-            for name, b in (("small", 32), ("large", 128))
+            run: TrainConfig.from_profile("ci", device="cpu", lr=v["lr"], batch=b, epochs=epochs)
+            for run, b in (("small", 32), ("large", 128))
         }
 
-    live = LiveRun(controls, make_config, name="group", replay=False)
+    return LiveRun(controls, make_config, name=name, replay=False), make_config
+
+
+@pytest.mark.parametrize("concurrent", ["0", "1"])
+def test_a_request_can_train_several_configs_side_by_side(monkeypatch, concurrent):
+    monkeypatch.setenv("LESSONS_CONCURRENT", concurrent)  # one after the other, or together
+    live, make_config = group_live("group", epochs=1)
     first = live.run_blocking(timeout=60)
     assert set(first) == {"small", "large"} and first["small"].label.startswith("small: ")
     assert first["small"].group == first["large"].group
@@ -268,15 +273,7 @@ def test_a_request_can_train_several_configs_side_by_side(monkeypatch, concurren
 
 def test_runs_trained_together_grow_together_and_stop_together(monkeypatch):
     monkeypatch.setenv("LESSONS_CONCURRENT", "1")
-    controls = {"lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=0)}
-
-    def make_config(v):
-        return {
-            name: TrainConfig.from_profile("ci", device="cpu", lr=v["lr"], batch=b, epochs=50)
-            for name, b in (("small", 32), ("large", 128))
-        }
-
-    live = LiveRun(controls, make_config, name="together", replay=False)
+    live, make_config = group_live("together", epochs=50)
     live.run_button.click()
     wait_until(lambda: len(live.last_group) == 2 and all(r.records for r in live.runs))
     assert "side by side" in live.status.value
