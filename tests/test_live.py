@@ -424,3 +424,37 @@ def test_presenter_mode_from_the_environment(monkeypatch):
     assert make_live().presenter.value is True
     monkeypatch.setenv("LESSONS_PRESENTER", "0")
     assert make_live().presenter.value is False
+
+
+def move_in_browser(slider, value):
+    """What a slider release in the browser does: the value arrives under ipywidgets'
+    property lock (set_state), unlike a value set from Python."""
+    with slider._lock_property(value=value):
+        slider.value = value
+
+
+@pytest.mark.parametrize("views", [0, 1])
+def test_a_missing_plotly_front_end_falls_back_to_matplotlib(monkeypatch, views):
+    monkeypatch.setattr(live_mod, "_in_kernel", lambda: True)
+    live = make_live("plotly")
+    assert live.figure.widget._view_count == 0  # tracked from the start
+    plotly_widget = live.figure.widget
+    live.figure.widget._view_count = views  # what the browser reported
+    live.controls["lr"].value = 0.02  # set from Python: never a reason to switch
+    live.wait(60)
+    assert live.renderer_name == "plotly"
+    move_in_browser(live.controls["lr"], 0.03)
+    assert live.wait(60)
+    if views:
+        assert live.renderer_name == "plotly" and not live.front_end_notice
+        return
+    assert live.renderer_name == "matplotlib"
+    assert live.figure.widget in live.widget.children
+    assert isinstance(live.figure.widget, W.Image) and live.figure.widget.value[:4] == b"\x89PNG"
+    assert plotly_widget not in live.widget.children
+    assert {t["uid"] for t in live.traces()} >= {f"{live.last_run.id}:loss"}
+    assert live.last_run.settings["lr"] == pytest.approx(0.03)
+    assert live.last_run.status == "done"
+    move_in_browser(live.controls["lr"], 0.04)  # and it keeps working
+    assert live.wait(60) and live.last_run.settings["lr"] == pytest.approx(0.04)
+    assert "matplotlib" in live.front_end_notice

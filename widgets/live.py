@@ -174,7 +174,9 @@ class RunRecord:
 
 # --------------------------------------------------------------------------- run log
 def run_log_path(name: str) -> Path:
-    return data_mod.data_dir() / "runs" / f"{name}.jsonl"
+    """LESSONS_RUNS/<name>.jsonl, by default in the data folder's runs/."""
+    folder = os.environ.get("LESSONS_RUNS")
+    return (Path(folder) if folder else data_mod.data_dir() / "runs") / f"{name}.jsonl"
 
 
 def append_run(path: Path, run: RunRecord) -> None:
@@ -601,6 +603,13 @@ def hook_kernel_interrupt() -> bool:
     return True
 
 
+def _in_kernel() -> bool:
+    """Inside a Jupyter kernel, where widgets have a front end to report to."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython else None
+    return getattr(shell, "kernel", None) is not None
+
+
 def describe_error(e: BaseException) -> str:
     """A message that says what happened and what to do."""
     import torch
@@ -680,6 +689,10 @@ class LiveRun:
         self.marks = marks
         self.renderer_name = choose_renderer(renderer)
         self.figure = make_figure(self.renderer_name, xlabel=xlabel, ylabel=ylabel, y2label=y2label)
+        # a front end that renders the figure counts its views; None: not tracked (no kernel)
+        self._track_views = self.renderer_name == "plotly" and _in_kernel()
+        if self._track_views:
+            self.figure.widget._view_count = 0
         self.panel = panel
         self.panel_axes = panel_axes
         self._axes = dict(ylabel=ylabel, y2label=y2label)
@@ -701,6 +714,7 @@ class LiveRun:
         self._suppress = False
         self._subtitle = ""
         self.last_run: RunRecord | None = None  # the run the last request made (None: none)
+        self.front_end_notice = ""  # set when plotly could not display and matplotlib took over
 
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.stop_button = W.Button(description="Stop", button_style="warning", icon="stop")
@@ -874,8 +888,43 @@ class LiveRun:
 
     # ---- internals
     def _on_change(self, change) -> None:
-        if not self._suppress:
-            self.request(self.values())
+        if self._suppress:
+            return
+        owner = change.get("owner")
+        if change.get("name") in getattr(owner, "_property_lock", {}):  # a person moved it
+            self._check_front_end()
+        self.request(self.values())
+
+    def _check_front_end(self) -> None:
+        """A control moved in the browser, yet no view of the plotly figure was ever made
+        there: the plotly front end is missing (Colab, an old or locked-down Jupyter). Draw
+        with matplotlib into an image from now on."""
+        if not self._track_views or self.figure.widget._view_count:
+            return
+        self._track_views = False
+        old = self.figure
+        new = MatplotlibFigure(
+            xlabel=old.fig.layout.xaxis.title.text or "",
+            ylabel=self._axes["ylabel"],
+            y2label=self._axes["y2label"],
+        )
+        new.set_scale(old.scale)
+        self.figure, self.renderer_name = new, "matplotlib"
+        if self.panel_figure is not None:
+            panel = MatplotlibFigure(**(self.panel_axes or {}))
+            panel.set_scale(self.panel_figure.scale)
+            children = [
+                panel.widget if c is self.panel_figure.widget else c for c in self.widget.children
+            ]
+            self.panel_figure = panel
+        else:
+            children = list(self.widget.children)
+        self.widget.children = [new.widget if c is old.widget else c for c in children]
+        self._draw()
+        self.front_end_notice = (
+            "The plotly figure did not display in this front end, so plots are drawn with "
+            "matplotlib (set LESSONS_PLOT=matplotlib to start that way)."
+        )
 
     def _set_status(self, text: str, level: str = "info") -> None:
         color = {"info": "#333", "ok": "#1a7f37", "warn": "#9a6700", "error": "#cf222e"}[level]
@@ -1005,8 +1054,9 @@ class LiveRun:
         """Train one config into a new RunRecord of the current group; say how it ended."""
         run = self._start_run(values, name, config, ds)
         self._set_status(
-            f"Running {run.label}{of} on {ds.device} ({ds.name}).{_notice(ds)}",
-            "warn" if ds.notice else "info",
+            f"Running {run.label}{of} on {ds.device} ({ds.name}).{_notice(ds)}"
+            + (f" {self.front_end_notice}" if self.front_end_notice else ""),
+            "warn" if ds.notice or self.front_end_notice else "info",
         )
         t0 = time.perf_counter()
         last_draw = 0.0

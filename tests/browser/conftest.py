@@ -130,6 +130,7 @@ def _start_lab(tmp_path_factory, plot: str) -> Lab:
         "LESSONS_PROFILE": os.environ.get("LESSONS_PROFILE", "ci"),
         "LESSONS_DEVICE": "cpu",
         "LESSONS_PLOT": plot,
+        "LESSONS_RUNS": str(root.parent / f"{root.name}-runs"),  # no runs replayed from before
         "JUPYTER_CONFIG_DIR": str(root.parent / f"{root.name}-config"),
         "JUPYTER_RUNTIME_DIR": str(root.parent / f"{root.name}-runtime"),
     }

@@ -97,13 +97,18 @@ def live_widget(page, label: str):
     )
 
 
-def plotted(widget) -> list[int]:
-    """Points in each trace of the widget's plotly figure, read from the page."""
-    return plotted_in(widget.locator(".js-plotly-plot").first)
-
-
 def plotted_in(figure) -> list[int]:
     return figure.evaluate("el => (el.data || []).map(t => (t.x || []).length)")
+
+
+def curves(widget) -> dict[str, int]:
+    """Legend name -> points of each named curve in the widget's plotly figure."""
+    return dict(
+        widget.locator(".js-plotly-plot").first.evaluate(
+            "el => (el.data || []).filter(t => t.showlegend !== false)"
+            ".map(t => [t.name, (t.x || []).length])"
+        )
+    )
 
 
 def status(widget) -> str:
@@ -134,7 +139,7 @@ def test_keyboard_moves_a_slider_the_run_grows_and_stop_stops_it(page, lab, name
     run_all(page)
     widget = live_widget(page, label)
     widget.scroll_into_view_if_needed()
-    before = plotted(widget)
+    before = curves(widget)
     slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=label))
     handle = slider.locator(".noUi-handle").first
     handle.focus()
@@ -149,9 +154,10 @@ def test_keyboard_moves_a_slider_the_run_grows_and_stop_stops_it(page, lab, name
         assert time.time() - t0 < 30, f"the run did not stop: {status(widget)!r}"
         time.sleep(0.05)
     assert status(widget).startswith("Stopped"), status(widget)
-    after = plotted(widget)
-    assert len(after) > len(before), (before, after)  # the new run's curves...
-    assert max(after[len(before) :]) > 0, after  # ...with the points it trained before Stop
+    after = curves(widget)
+    new = {name: n for name, n in after.items() if name not in before}
+    assert len(new) == 1, (before, after)  # the new run's curve...
+    assert next(iter(new.values())) > 0, after  # ...with the points it trained before Stop
 
 
 def test_matplotlib_renderer_in_the_browser(page, lab_matplotlib):
