@@ -1,6 +1,7 @@
 """The course as a product: pins, notebooks stored clean, the shared setup cell, README, CI."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -109,3 +110,26 @@ def test_readme_reliability_table_names_tests_that_exist():
     for path, name in named:
         source = (ROOT / path).read_text()
         assert not name or re.search(rf"^def {name}\(", source, re.M), f"{path}::{name}"
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_browser_tests_without_a_browser_fail_under_ci_and_skip_elsewhere(ci):
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "CI"},
+        "LESSONS_CHROMIUM": "/nonexistent/chromium",  # no browser here
+        "CI": ci,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-rs", "-q", "-p", "no:cacheprovider"]
+        + [str(ROOT / "tests/browser"), "-k", "matplotlib"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert "apt-get install chromium" in out.stdout, out.stdout
+    if ci:
+        assert out.returncode != 0 and "cannot run under CI" in out.stdout
+    else:
+        assert out.returncode == 0 and "1 skipped" in out.stdout
