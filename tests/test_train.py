@@ -231,3 +231,16 @@ def test_concurrent_by_default_only_on_cuda(monkeypatch):
     assert concurrent_by_default(torch.device("cpu")) is True
     monkeypatch.setenv("LESSONS_CONCURRENT", "0")
     assert concurrent_by_default(torch.device("cuda")) is False
+
+
+def test_gpu_and_cpu_fall_back_to_generated_data_of_imagenettes_size():
+    # offline, a lesson's batch sizes (up to 2048 in lesson 3) must still fit the data set
+    from lessons import data
+    from lessons.profiles import get_profile
+
+    for name in ("gpu", "cpu"):
+        p = get_profile(name)
+        assert (p.n_train, p.n_val) == (
+            data.IMAGENETTE_COUNTS["train"],
+            data.IMAGENETTE_COUNTS["val"],
+        )

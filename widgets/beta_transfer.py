@@ -8,7 +8,6 @@ import ipywidgets as W
 import numpy as np
 
 from lessons import scaling as S
-from lessons.data import IMAGENETTE_COUNTS
 from lessons.ema import half_life
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
@@ -100,7 +99,7 @@ def gap_summary(live: LiveRun) -> str:
 def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
     """Baseline (batch B) against naive and transferred runs at batch b."""
     p = get_profile(profile)
-    n_train = p.n_train if p.dataset == "shapes" else IMAGENETTE_COUNTS["train"]
+    n_train = p.n_train  # Imagenette's count, or the generated set's
     batches = [b for b in BATCHES[3:] if b <= n_train // 4]
     epochs = max(p.epochs, 6)
     controls = {

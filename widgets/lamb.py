@@ -153,7 +153,7 @@ def trust_panel(live: LiveRun) -> tuple[list[Trace], str]:
 def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
     """LAMB (a chosen variant, or all of them) against AdamW at a large batch."""
     p = get_profile(profile)
-    n_train = p.n_train if p.dataset == "shapes" else data_mod.IMAGENETTE_COUNTS["train"]
+    n_train = p.n_train  # Imagenette's count, or the generated set's
     batches = [b for b in (64, 128, 256, 512, 1024, 2048) if b <= n_train // 4]
     epochs = max(p.epochs, 4)
     controls = {

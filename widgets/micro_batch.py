@@ -82,7 +82,7 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
     """Train a sweep of batch sizes with both optimizers."""
     p = get_profile(profile)
     epochs = max(p.epochs, 6)
-    n_train = p.n_train if p.dataset == "shapes" else 9469
+    n_train = p.n_train  # Imagenette's count, or the generated set's
     sizes = [b for b in SIZES if b <= n_train // 4]
     controls = {
         "lr": log_slider(5e-4, "lr at the smallest batch", -4, -1.5),

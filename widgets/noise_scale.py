@@ -7,7 +7,6 @@ import html
 import ipywidgets as W
 
 from lessons import noise as N
-from lessons.data import IMAGENETTE_COUNTS
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
 from widgets.live import STYLE, LiveRun, Trace, log_slider
@@ -65,7 +64,7 @@ def summary(live: LiveRun) -> str:
 def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
     """The three schedules of Smith et al. trained side by side."""
     p = get_profile(profile)
-    n_train = p.n_train if p.dataset == "shapes" else IMAGENETTE_COUNTS["train"]
+    n_train = p.n_train  # Imagenette's count, or the generated set's
     epochs = max(p.epochs, 6)
     controls = {
         "k": W.IntSlider(value=2, min=2, max=5, description="factor k", continuous_update=False),
