@@ -124,3 +124,45 @@ def test_schedules_widget_trains_three_runs_with_panels():
     live.run_blocking(k=3, timeout=300)
     cfg = live.make_config(live.values())
     assert cfg["decay lr"].lr_at(4) == pytest.approx(0.05 / 9)
+
+
+def _softmax_regression(seed=0, n=8192, d=6, k=3):
+    """A linear softmax model and a data pool whose per-sample gradients a test can compute
+    in closed form: (softmax(Wx) - onehot(y)) x^T."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    w_true = torch.randn(k, d, generator=gen)
+    y = torch.distributions.Categorical(logits=x @ w_true.T).sample()
+    model = torch.nn.Linear(d, k, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(0.3 * torch.randn(k, d, generator=gen))
+    p = torch.softmax(x @ model.weight.detach().T, 1)
+    per_sample = (p - torch.nn.functional.one_hot(y, k)).unsqueeze(2) * x.unsqueeze(1)
+    per_sample = per_sample.flatten(1).double()
+    mean = per_sample.mean(0)
+    g2 = float(mean.square().sum())
+    trace = float((per_sample - mean).square().sum(1).mean())
+    return model, x, y, g2, trace
+
+
+def test_measured_gradient_moments_match_the_per_sample_closed_form():
+    model, x, y, g2, trace = _softmax_regression()
+    est_g2, est_trace = N.measure_gradient_moments(model, x, y, 4, 64, repeats=300, seed=1)
+    # the pool is the population; sampling without replacement from 8,192 changes E by <1%
+    assert est_trace == pytest.approx(trace, rel=0.1)
+    assert est_g2 == pytest.approx(g2, rel=0.15)
+    assert trace / g2 > 4  # noise-dominated enough that both terms matter above
+    assert model.training  # the model's mode is restored
+
+
+def test_paired_batches_never_give_a_negative_trace():
+    model, x, y, _, _ = _softmax_regression(seed=2, n=512)
+    for seed in range(20):
+        _, trace = N.measure_gradient_moments(model, x, y, 8, 64, repeats=1, seed=seed)
+        assert trace >= 0
+    with pytest.raises(ValueError, match="multiple of b_small"):
+        N.measure_gradient_moments(model, x, y, 8, 60)
+    with pytest.raises(ValueError, match="larger than the 512 samples"):
+        N.measure_gradient_moments(model, x, y, 8, 1024)
