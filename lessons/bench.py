@@ -9,6 +9,8 @@ Measured in the same run, on the same model, batch and optimizer:
   micro-batch against all micro-batch gradients in one torch.func (vmap) pass;
 - first_point_s: from a start request to the first loss point of a new run (data warm);
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy;
+- thread_*: the engine in a worker thread, as a widget runs it, after torch work on the main
+  thread: as is, and after lessons.train.free_openmp_threads() on the main thread;
 - sweep_*: a 4-run sweep (learning rates 0.5x, 1x, 2x, 4x the default) one run after the other
   against the four side by side (lessons.train.train_many: a thread per run, on CUDA a stream
   per run), each as a multiple of one run.
@@ -25,6 +27,7 @@ import math
 import os
 import platform
 import statistics
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +40,14 @@ from PIL import Image
 from lessons import data
 from lessons.models import make_model
 from lessons.profiles import get_profile, pick_device
-from lessons.train import OPTIMIZERS, TrainConfig, _param_groups, train, train_many
+from lessons.train import (
+    OPTIMIZERS,
+    TrainConfig,
+    _param_groups,
+    free_openmp_threads,
+    train,
+    train_many,
+)
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -119,6 +129,15 @@ def engine_img_per_s(config: TrainConfig, ds: data.Dataset) -> float:
     return (last[0] - first[0]) / (last[1] - first[1])
 
 
+def in_thread(fn, *args):
+    """fn(*args) in a new thread, as a widget's worker runs training; its result."""
+    out = []
+    worker = threading.Thread(target=lambda: out.append(fn(*args)))
+    worker.start()
+    worker.join()
+    return out[0]
+
+
 def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -182,6 +201,11 @@ def run_bench(
     for vm in (False, True):
         engine_img_per_s(replace(micro, micro_vmap=vm, max_steps=3), ds)  # warm up
         micro_rates[vm] = engine_img_per_s(replace(micro, micro_vmap=vm), ds)
+    # the main thread has trained above, so it holds OpenMP worker threads of its own
+    short = replace(timed, max_steps=max(20, steps // 2) + 1)
+    thread_as_is = in_thread(engine_img_per_s, short, ds)
+    freed = free_openmp_threads()
+    thread_freed = in_thread(engine_img_per_s, short, ds)
     first = first_point_s(base, ds)
     t0 = time.perf_counter()
     records = list(train(base, dataset=ds))
@@ -215,6 +239,10 @@ def run_bench(
         "micro_loop_img_per_s": round(micro_rates[False], 1),
         "micro_vmap_img_per_s": round(micro_rates[True], 1),
         "micro_vmap_speedup": round(micro_rates[True] / micro_rates[False], 2),
+        "thread_img_per_s": round(thread_as_is, 1),
+        "thread_freed_img_per_s": round(thread_freed, 1),
+        "thread_openmp_freed": freed,
+        "thread_speedup": round(thread_freed / thread_as_is, 2),
         "first_point_s": round(first, 4),
         "lesson_run_s": round(lesson_s, 2),
         "lesson_epochs": base.epochs,

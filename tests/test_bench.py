@@ -43,6 +43,9 @@ def test_bench_prints_one_json_object_with_ratios():
     assert result["profile"] == "ci" and result["steps"] == 6 and result["workers"] == 1
     assert 0 <= result["lesson_val_acc"] <= 1
     assert result["sweep_runs"] == 4
+    thread = result["thread_freed_img_per_s"] / result["thread_img_per_s"]
+    assert result["thread_speedup"] == pytest.approx(thread, abs=0.01)
+    assert result["thread_openmp_freed"] is (sys.platform == "linux")  # torch's libgomp
     for mode in ("sequential", "concurrent"):
         over = result[f"sweep_{mode}_s"] / result["lesson_run_s"]  # both rounded to 0.01 s
         assert result[f"sweep_{mode}_over_one_run"] == pytest.approx(over, rel=0.03)

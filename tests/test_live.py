@@ -458,3 +458,16 @@ def test_a_missing_plotly_front_end_falls_back_to_matplotlib(monkeypatch, views)
     move_in_browser(live.controls["lr"], 0.04)  # and it keeps working
     assert live.wait(60) and live.last_run.settings["lr"] == pytest.approx(0.04)
     assert "matplotlib" in live.front_end_notice
+
+
+@pytest.mark.usefixtures("private_run_log")
+def test_live_run_frees_openmp_threads_before_its_worker_trains(monkeypatch):
+    calls = []
+    monkeypatch.setattr(live_mod, "free_openmp_threads", lambda: calls.append(1) or True)
+    runner = LiveRun(
+        {"lr": W.FloatSlider(value=0.05, min=0.01, max=0.1)},
+        lambda v: TrainConfig.from_profile("ci", lr=v["lr"], epochs=0.05, device="cpu"),
+        name="omp-test",
+    )
+    runner.run_blocking(timeout=120)
+    assert calls == [1]

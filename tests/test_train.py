@@ -244,3 +244,30 @@ def test_gpu_and_cpu_fall_back_to_generated_data_of_imagenettes_size():
             data.IMAGENETTE_COUNTS["train"],
             data.IMAGENETTE_COUNTS["val"],
         )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="libgomp and /proc are Linux's")
+def test_free_openmp_threads_frees_the_main_threads_workers_and_torch_still_works():
+    # a fresh process: this one's OpenMP state depends on the tests before
+    code = (
+        "import os, threading, torch\n"
+        "from lessons.train import free_openmp_threads\n"
+        "n = lambda: len(os.listdir('/proc/self/task'))\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(64, 16, 64, 64)\n"
+        "w = torch.randn(16, 16, 3, 3)\n"
+        "ref = torch.nn.functional.conv2d(x, w)\n"  # a parallel region: the team exists
+        "before = n()\n"
+        "assert free_openmp_threads()\n"
+        "after = n()\n"
+        "again = torch.nn.functional.conv2d(x, w)\n"  # the team comes back when needed
+        "out = []\n"
+        "t = threading.Thread(target=lambda: out.append(torch.nn.functional.conv2d(x, w)))\n"
+        "t.start(); t.join()\n"
+        "assert torch.equal(ref, again) and torch.equal(ref, out[0])\n"
+        "print(before, after)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = map(int, out.stdout.split())
+    assert after == before - 1  # the main thread's one OpenMP worker (2 threads) has gone

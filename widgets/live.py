@@ -39,6 +39,7 @@ from lessons.train import (
     Metrics,
     TrainConfig,
     concurrent_by_default,
+    free_openmp_threads,
     load_data,
     train,
     train_many,
@@ -789,6 +790,8 @@ class LiveRun:
 
     def request(self, values: dict) -> None:
         """Start a run with these settings; a run in flight is stopped, the newest wins."""
+        if threading.current_thread() is threading.main_thread():
+            free_openmp_threads()  # else CPU steps in the worker thread run 1.5-1.8x slower
         with self._cond:
             self._pending = dict(values)
             self._stop.set()
