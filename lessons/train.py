@@ -497,33 +497,38 @@ def free_openmp_threads() -> bool:
     wake-up. Measured on 2 cores (ci-profile model, batch 64): 37 ms a step in a thread
     against 20-22 ms in the main thread or after this call. True where it freed them; False
     where the OpenMP runtime is not libgomp (then nothing is done), or the call failed."""
-    lib = _libgomp()
-    if lib is None:
-        return False
-    try:
-        return lib.omp_pause_resource_all(1) == 0  # omp_pause_soft: threads go, settings stay
-    except (AttributeError, OSError):  # a libgomp before OpenMP 5.0
-        return False
+    freed = False
+    for lib in _libgomps():
+        try:  # omp_pause_soft: the threads go, the settings stay
+            freed = lib.omp_pause_resource_all(1) == 0 or freed
+        except (AttributeError, OSError):  # a libgomp before OpenMP 5.0
+            pass
+    return freed
 
 
 _GOMP: list = []
 
 
-def _libgomp():
-    """The libgomp that torch loaded (Linux), found once in /proc/self/maps; else None."""
+def _libgomps() -> list:
+    """Every libgomp loaded in this process (Linux, from /proc/self/maps, looked up once),
+    torch's own first: another library may have brought its own copy."""
     if not _GOMP:
-        lib = None
         try:
             with open("/proc/self/maps") as f:
                 paths = {ln.split()[-1] for ln in f if "libgomp" in ln and "/" in ln}
-            if paths:
-                lib = ctypes.CDLL(sorted(paths)[0])
+        except OSError:
+            paths = set()
+        torch_dir = os.path.dirname(torch.__file__)
+        for path in sorted(paths, key=lambda q: (not q.startswith(torch_dir), q)):
+            try:
+                lib = ctypes.CDLL(path)
                 lib.omp_pause_resource_all.restype = ctypes.c_int
                 lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-        except (OSError, AttributeError):
-            lib = None
-        _GOMP.append(lib)
-    return _GOMP[0]
+            except (OSError, AttributeError):
+                continue
+            _GOMP.append(lib)
+        _GOMP.append(None)  # looked up: the list is final
+    return [lib for lib in _GOMP if lib is not None]
 
 
 def concurrent_by_default(device: torch.device) -> bool:
