@@ -142,6 +142,7 @@ def measure_gradient_moments(
     was_training = model.training
     model.eval()  # BatchNorm in eval mode: a batch's gradient does not depend on its size
     small, big = [], []
+    parts = b_big // b_small
     try:
         for _ in range(repeats):
             idx = torch.randperm(len(x), generator=gen, device=x.device)[:b_big]
@@ -151,7 +152,6 @@ def measure_gradient_moments(
                 flat = torch.cat([g.float().flatten() for g in grads])
                 sq += float(flat.square().sum())
                 total = flat if total is None else total + flat
-            parts = b_big // b_small
             small.append(sq / parts)  # the mean squared norm of a small batch's gradient
             big.append(float((total / parts).square().sum()))
     finally:

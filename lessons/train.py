@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import math
 import os
 import queue
@@ -497,38 +498,30 @@ def free_openmp_threads() -> bool:
     wake-up. Measured on 2 cores (ci-profile model, batch 64): 37 ms a step in a thread
     against 20-22 ms in the main thread or after this call. True where it freed them; False
     where the OpenMP runtime is not libgomp (then nothing is done), or the call failed."""
-    freed = False
-    for lib in _libgomps():
-        try:  # omp_pause_soft: the threads go, the settings stay
-            freed = lib.omp_pause_resource_all(1) == 0 or freed
-        except (AttributeError, OSError):  # a libgomp before OpenMP 5.0
-            pass
-    return freed
+    # a list, not any() over a generator: every libgomp is paused, not just the first
+    return any([lib.omp_pause_resource_all(1) == 0 for lib in _libgomps()])  # omp_pause_soft
 
 
-_GOMP: list = []
-
-
-def _libgomps() -> list:
-    """Every libgomp loaded in this process (Linux, from /proc/self/maps, looked up once),
-    torch's own first: another library may have brought its own copy."""
-    if not _GOMP:
+@functools.cache
+def _libgomps() -> tuple:
+    """Every libgomp loaded in this process that has omp_pause_resource_all (Linux, from
+    /proc/self/maps, looked up once), torch's own first: another library may bring its own."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "libgomp" in ln and "/" in ln}
+    except OSError:
+        return ()
+    torch_dir = os.path.dirname(torch.__file__)
+    libs = []
+    for path in sorted(paths, key=lambda q: (not q.startswith(torch_dir), q)):
         try:
-            with open("/proc/self/maps") as f:
-                paths = {ln.split()[-1] for ln in f if "libgomp" in ln and "/" in ln}
-        except OSError:
-            paths = set()
-        torch_dir = os.path.dirname(torch.__file__)
-        for path in sorted(paths, key=lambda q: (not q.startswith(torch_dir), q)):
-            try:
-                lib = ctypes.CDLL(path)
-                lib.omp_pause_resource_all.restype = ctypes.c_int
-                lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
-            except (OSError, AttributeError):
-                continue
-            _GOMP.append(lib)
-        _GOMP.append(None)  # looked up: the list is final
-    return [lib for lib in _GOMP if lib is not None]
+            lib = ctypes.CDLL(path)
+            lib.omp_pause_resource_all.restype = ctypes.c_int  # absent before OpenMP 5.0
+        except (OSError, AttributeError):
+            continue
+        lib.omp_pause_resource_all.argtypes = [ctypes.c_int]
+        libs.append(lib)
+    return tuple(libs)
 
 
 def concurrent_by_default(device: torch.device) -> bool:
