@@ -271,3 +271,16 @@ def test_free_openmp_threads_frees_the_main_threads_workers_and_torch_still_work
     assert out.returncode == 0, out.stderr
     before, after = map(int, out.stdout.split())
     assert after == before - 1  # the main thread's one OpenMP worker (2 threads) has gone
+
+
+def test_train_many_frees_openmp_threads_before_its_threads_train(shapes_ci, monkeypatch):
+    from lessons import train as T
+
+    calls = []
+    monkeypatch.setattr(T, "free_openmp_threads", lambda: calls.append(1) or True)
+    configs = {f"b{b}": ci(batch=b, epochs=0.1) for b in (32, 64)}
+    datasets = dict.fromkeys(configs, shapes_ci)
+    list(T.train_many(configs, datasets=datasets, concurrent=False))
+    assert calls == []  # one after the other, in this thread: nothing to free
+    list(T.train_many(configs, datasets=datasets, concurrent=True))
+    assert calls == [1]
