@@ -46,7 +46,7 @@ def measure(renderer: str, throttle: bool, profile: str | None) -> dict:
 
     live = start_here(profile, renderer=renderer, replay=False)
     if not throttle:
-        live.figure.min_interval = 0.0
+        live.throttle = False
     live.run_blocking(timeout=600)  # warm: data loaded, kernels compiled
     live.clear()
     redraws = live.redraws

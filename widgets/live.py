@@ -256,7 +256,12 @@ class Mark:
 class PlotlyFigure:
     """A plotly FigureWidget; each draw() is one batch_update that touches only what changed."""
 
-    min_interval = 0.1  # seconds between redraws while a run streams in
+    # seconds between redraws while a run streams in: min_interval at first, growing with the
+    # request's age to max_interval (LiveRun.redraw_interval). Each redraw costs the browser a
+    # re-render: at 10 a second it took most of a core, and a 20 s run of lesson 4 took 82 s
+    # in JupyterLab with Chromium on 2 cores (BENCHMARKS.md)
+    min_interval = 0.1
+    max_interval = 0.5
 
     def __init__(
         self,
@@ -417,6 +422,7 @@ class MatplotlibFigure:
     """matplotlib (Agg, no pyplot) into an ipywidgets Image: works wherever core widgets do."""
 
     min_interval = 0.25
+    max_interval = 1.0
 
     def __init__(
         self,
@@ -702,6 +708,10 @@ class LiveRun:
         self.log_path = run_log_path(name)
         self.runs: list[RunRecord] = load_runs(self.log_path, max_history) if replay else []
         self.redraws = 0  # figure updates sent: each is one batched message
+        self.throttle = True  # False: redraw for every record (widgets.bench's baseline)
+        self.redraw_age_share = 1 / 20  # the redraw interval grows by this share of the age
+        self._request_t0 = 0.0  # when the current request started training
+        self._draw_cost = 0.0  # seconds the last redraw took in the kernel
         self.threads_started = 0
         self._next_id = 0
         self._group = 0
@@ -967,9 +977,22 @@ class LiveRun:
         marks = list(self.marks(self)) if self.marks else []
         return traces, title, marks
 
+    def redraw_interval(self, now: float) -> float:
+        """Seconds a streaming run waits between redraws: the figure's min_interval at first,
+        so a slider move shows its curve growing at once; then redraw_age_share (a twentieth)
+        of the request's age, up to the figure's max_interval, so a long run costs the browser
+        a bounded number of re-renders; and never less than 4x what the last redraw cost the
+        kernel (matplotlib renders there), so drawing takes at most a fifth of its time."""
+        if not self.throttle:
+            return 0.0
+        fig = self.figure
+        grown = (now - self._request_t0) * self.redraw_age_share
+        return max(min(fig.max_interval, max(fig.min_interval, grown)), 4 * self._draw_cost)
+
     def _draw(self) -> None:
         """Redraw every run (thread-safe: the worker and view controls both call it)."""
         with self._draw_lock:
+            t0 = time.perf_counter()
             traces, title, marks = self.scene()
             self.figure.set_xlabel(self.xlabels[self.view().get("x", "samples")])
             self.figure.draw(traces, title, marks)
@@ -978,6 +1001,7 @@ class LiveRun:
             if self.panel_figure is not None:
                 self.panel_figure.draw(*self._panel_scene())
             self.redraws += 1
+            self._draw_cost = time.perf_counter() - t0
 
     def _panel_scene(self) -> tuple[list[Trace], str]:
         traces, title = self.panel(self)
@@ -1024,7 +1048,7 @@ class LiveRun:
             self._set_status(describe_error(e), "error")
             return
         self._group += 1
-        t0 = time.perf_counter()
+        t0 = self._request_t0 = time.perf_counter()
         together = len(configs) > 1 and concurrent_by_default(next(iter(data.values())).device)
         if together:
             self._train_together(values, configs, data, stop)
@@ -1069,7 +1093,7 @@ class LiveRun:
                 run.records.append(rec)
                 total = rec.extras.get("total_steps", total)
                 now = time.perf_counter()
-                if now - last_draw >= self.figure.min_interval:
+                if now - last_draw >= self.redraw_interval(now):
                     self._progress(rec.step, total, now - t0)
                     self._draw()
                     last_draw = now
@@ -1107,7 +1131,7 @@ class LiveRun:
                 totals[name] = rec.extras.get("total_steps", totals[name])
                 steps[name] = rec.step
                 now = time.perf_counter()
-                if now - last_draw >= self.figure.min_interval:
+                if now - last_draw >= self.redraw_interval(now):
                     self._progress(sum(steps.values()), sum(totals.values()), now - t0)
                     self._draw()
                     last_draw = now
