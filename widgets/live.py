@@ -710,7 +710,7 @@ class LiveRun:
         self.redraws = 0  # figure updates sent: each is one batched message
         self.throttle = True  # False: redraw for every record (widgets.bench's baseline)
         self.redraw_age_share = 1 / 20  # the redraw interval grows by this share of the age
-        self._request_t0 = 0.0  # when the current request started training
+        self._request_t0: float | None = None  # when the current request's first record came
         self._draw_cost = 0.0  # seconds the last redraw took in the kernel
         self.threads_started = 0
         self._next_id = 0
@@ -980,11 +980,14 @@ class LiveRun:
     def redraw_interval(self, now: float) -> float:
         """Seconds a streaming run waits between redraws: the figure's min_interval at first,
         so a slider move shows its curve growing at once; then redraw_age_share (a twentieth)
-        of the request's age, up to the figure's max_interval, so a long run costs the browser
-        a bounded number of re-renders; and never less than 4x what the last redraw cost the
-        kernel (matplotlib renders there), so drawing takes at most a fifth of its time."""
+        of the time since the request's first record (its first call here: a first run's
+        warm-up does not count), up to the figure's max_interval, so a long run costs the
+        browser a bounded number of re-renders; and never less than 4x what the last redraw
+        cost the kernel (matplotlib renders there), so drawing takes at most a fifth of it."""
         if not self.throttle:
             return 0.0
+        if self._request_t0 is None:
+            self._request_t0 = now
         fig = self.figure
         grown = (now - self._request_t0) * self.redraw_age_share
         return max(min(fig.max_interval, max(fig.min_interval, grown)), 4 * self._draw_cost)
@@ -1048,7 +1051,8 @@ class LiveRun:
             self._set_status(describe_error(e), "error")
             return
         self._group += 1
-        t0 = self._request_t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        self._request_t0 = None  # redraw_interval starts the clock at the first record
         together = len(configs) > 1 and concurrent_by_default(next(iter(data.values())).device)
         if together:
             self._train_together(values, configs, data, stop)
