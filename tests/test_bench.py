@@ -79,3 +79,10 @@ def test_widget_bench_counts_front_end_messages_and_throttling_cuts_them(tmp_pat
         assert every["redraws"] > throttled["redraws"] > 0
         assert every["messages"] > throttled["messages"] > 0
         assert r["message_ratio"] == round(every["messages"] / throttled["messages"], 2)
+    # a run of about 10 s: the interval that grows with the run's age redraws less often
+    long = result["plotly_long_run"]
+    grown, fixed = long["growing"], long["fixed_min_interval"]
+    assert long["epochs_times"] > 1  # a ci run takes about a second
+    assert grown["points"] == fixed["points"] > throttled["points"]
+    assert fixed["redraws"] > 1.3 * grown["redraws"] > 0
+    assert long["message_ratio"] == round(fixed["messages"] / grown["messages"], 2)

@@ -4,7 +4,9 @@ Every message a widget would send to the front end (state updates and plotly's c
 messages both go through ``ipywidgets.Widget._send``) is counted, with its size, during one
 default run of notebook 00's widget; the same run is then repeated with the redraw throttle
 off (a redraw for every record fetched from the engine), measured in the same process as the
-baseline.
+baseline. A run of about 10 s (the same widget, its epochs multiplied) is measured twice more
+with plotly: with the redraw interval growing as the run ages (the default) and held at its
+0.1 s start.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 
 import ipywidgets as W
 
@@ -40,19 +43,25 @@ def counting():
         W.Widget._send = original
 
 
-def measure(renderer: str, throttle: bool, profile: str | None) -> dict:
+def measure(
+    renderer: str, throttle: bool, profile: str | None, grow: bool = True, longer: int = 1
+) -> dict:
     from widgets import live as live_mod
     from widgets.start import start_here
 
     live = start_here(profile, renderer=renderer, replay=False)
-    if not throttle:
-        live.throttle = False
+    live.throttle = throttle
+    if not grow:
+        live.redraw_age_share = 0.0  # the interval stays at the figure's min_interval
     live.run_blocking(timeout=600)  # warm: data loaded, kernels compiled
     live.clear()
+    if longer > 1:
+        make = live.make_config
+        live.make_config = lambda v: replace(make(v), epochs=make(v).epochs * longer)
     redraws = live.redraws
     with counting() as sent:
         t0 = time.perf_counter()
-        run = live.run_blocking(timeout=600, lr=live.values()["lr"] * 0.99)
+        run = live.run_blocking(timeout=1200, lr=live.values()["lr"] * 0.99)
         seconds = time.perf_counter() - t0
     records = sum(r.kind == "train" for r in run.records)
     live_mod.stop_all()
@@ -74,6 +83,17 @@ def run_bench(profile: str | None = None, renderers=("plotly", "matplotlib")) ->
             "unthrottled": every,
             "message_ratio": round(every["messages"] / max(1, throttled["messages"]), 2),
             "messages_per_s": round(throttled["messages"] / throttled["seconds"], 1),
+        }
+    if "plotly" in renderers:
+        longer = max(1, round(10 / result["plotly"]["throttled"]["seconds"]))  # about 10 s
+        grown = measure("plotly", True, profile, longer=longer)
+        fixed = measure("plotly", True, profile, grow=False, longer=longer)
+        result["plotly_long_run"] = {
+            "growing": grown,
+            "fixed_min_interval": fixed,
+            "message_ratio": round(fixed["messages"] / max(1, grown["messages"]), 2),
+            "byte_ratio": round(fixed["bytes"] / max(1, grown["bytes"]), 2),
+            "epochs_times": longer,
         }
     return result
 
@@ -100,6 +120,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{m['points']:>5} points {m['seconds']:>6.2f} s"
             )
         print(f"  {renderer:<10} unthrottled/throttled messages: {r['message_ratio']}x")
+    long = result.get("plotly_long_run")
+    if long:
+        print(f"  a run {long['epochs_times']}x as long, plotly:")
+        for mode in ("growing", "fixed_min_interval"):
+            m = long[mode]
+            print(
+                f"  {mode:<21} {m['messages']:>5} messages {m['bytes'] / 1e3:>9.1f} kB "
+                f"{m['redraws']:>4} redraws {m['points']:>5} points {m['seconds']:>6.2f} s"
+            )
+        print(f"  fixed/growing: {long['message_ratio']}x messages, {long['byte_ratio']}x bytes")
     return 0
 
 
