@@ -524,6 +524,15 @@ def _libgomps() -> tuple:
     return tuple(libs)
 
 
+@functools.cache
+def warm_up() -> None:
+    """Do once, ahead of time, what a process's first run would do before its first point:
+    the first torch optimizer built imports torch._dynamo (1.8 - 2.2 s on 2 cores; the first
+    run's first loss point came after 2.0 s, the second run's after 0.03 s). LiveRun calls
+    this in a background thread when it is built, so the first slider move answers at once."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
 def concurrent_by_default(device: torch.device) -> bool:
     """Whether several runs should train side by side: on CUDA, where one small model leaves
     most of the GPU idle, unless LESSONS_CONCURRENT=0; elsewhere only with LESSONS_CONCURRENT=1

@@ -2,8 +2,11 @@
 figure and the status line."""
 
 import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import ipywidgets as W
 import pytest
@@ -15,6 +18,7 @@ from widgets.live import LiveRun
 from widgets.start import start_here
 
 pytestmark = pytest.mark.usefixtures("private_run_log")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait_until(cond, timeout=60.0):
@@ -501,6 +505,33 @@ def test_a_missing_plotly_front_end_falls_back_to_matplotlib(monkeypatch, views)
 
 
 @pytest.mark.usefixtures("private_run_log")
+def test_building_a_live_run_does_the_first_runs_lazy_imports_ahead_in_the_background():
+    # a fresh process: the first torch optimizer imports torch._dynamo (about 2 s on 2 cores)
+    code = """
+import sys, threading
+import ipywidgets as W
+import torch
+from lessons.train import TrainConfig
+from widgets.live import LiveRun
+
+assert "torch._dynamo" not in sys.modules, "nothing left to warm up"
+config = lambda v: TrainConfig.from_profile("ci", lr=v["lr"])
+live = LiveRun({"lr": W.FloatSlider(value=0.1)}, config, name="warm", renderer="matplotlib",
+               replay=False)
+for t in threading.enumerate():
+    if t.name == "lessons-warm-up":
+        t.join(60)
+before = set(sys.modules)
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # what a first run does
+print(sorted(set(sys.modules) - before))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_live_run_frees_openmp_threads_before_its_worker_trains(monkeypatch):
     calls = []
     monkeypatch.setattr(live_mod, "free_openmp_threads", lambda: calls.append(1) or True)

@@ -43,6 +43,7 @@ from lessons.train import (
     load_data,
     train,
     train_many,
+    warm_up,
 )
 
 COLORS = [
@@ -785,6 +786,8 @@ class LiveRun:
             old.stop()
         _LIVE[name] = self
         hook_kernel_interrupt()
+        # while the student reads, not after the first slider move (see lessons.train.warm_up)
+        threading.Thread(target=warm_up, daemon=True, name="lessons-warm-up").start()
 
     # ---- public API
     def _ipython_display_(self):
