@@ -780,6 +780,7 @@ class LiveRun:
         )
         self._set_presenter(draw=False)
         self._draw()
+        self._draw_cost = 0.0  # that first draw pays one-off set-up (matplotlib: ~0.2 s)
         # a re-run cell makes a new widget of the same name: the old one stops training
         old = _LIVE.get(name)
         if old is not None and old is not self:
