@@ -487,9 +487,9 @@ _INIT_LOCK = threading.Lock()
 
 
 def free_openmp_threads() -> bool:
-    """Free the calling thread's idle OpenMP worker threads (libgomp's
-    ``omp_pause_resource_all``, OpenMP 5.0). Call it on the main thread before training in
-    another thread on a CPU, as a widget does.
+    """Free the main thread's idle OpenMP worker threads (libgomp's ``omp_pause_resource_all``,
+    OpenMP 5.0, which frees the calling thread's). Call it before training in another thread
+    on a CPU, as a widget does; called from any other thread it does nothing.
 
     Why: PyTorch parallelises CPU ops with OpenMP, and each thread that runs them gets a team
     of its own. Once the main thread has a team (any torch work in a notebook cell), a
@@ -497,7 +497,10 @@ def free_openmp_threads() -> bool:
     then stops spin-waiting between parallel regions - every small op pays a sleep and a
     wake-up. Measured on 2 cores (ci-profile model, batch 64): 37 ms a step in a thread
     against 20-22 ms in the main thread or after this call. True where it freed them; False
-    where the OpenMP runtime is not libgomp (then nothing is done), or the call failed."""
+    off the main thread, where the OpenMP runtime is not libgomp (then nothing is done), or
+    where the call failed."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
     # a list, not any() over a generator: every libgomp is paused, not just the first
     return any([lib.omp_pause_resource_all(1) == 0 for lib in _libgomps()])  # omp_pause_soft
 
@@ -572,8 +575,7 @@ def train_many(
         return
     out: queue.Queue = queue.Queue()
     done = object()
-    if threading.current_thread() is threading.main_thread():
-        free_openmp_threads()  # see there: CPU steps in threads are slower otherwise
+    free_openmp_threads()  # see there: CPU steps in threads are slower otherwise
 
     def worker(name: str, c: TrainConfig) -> None:
         try:

@@ -265,6 +265,10 @@ def test_free_openmp_threads_frees_the_main_threads_workers_and_torch_still_work
         "t = threading.Thread(target=lambda: out.append(torch.nn.functional.conv2d(x, w)))\n"
         "t.start(); t.join()\n"
         "assert torch.equal(ref, again) and torch.equal(ref, out[0])\n"
+        "off_main = []\n"  # another thread's call frees nothing and says so
+        "t = threading.Thread(target=lambda: off_main.append(free_openmp_threads()))\n"
+        "t.start(); t.join()\n"
+        "assert off_main == [False], off_main\n"
         "print(before, after)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -804,8 +804,7 @@ class LiveRun:
 
     def request(self, values: dict) -> None:
         """Start a run with these settings; a run in flight is stopped, the newest wins."""
-        if threading.current_thread() is threading.main_thread():
-            free_openmp_threads()  # else CPU steps in the worker thread ran 1.4-2.2x slower
+        free_openmp_threads()  # else CPU steps in the worker thread ran 1.4-2.2x slower
         with self._cond:
             self._pending = dict(values)
             self._stop.set()
