@@ -57,7 +57,12 @@ def measure(
     live.clear()
     if longer > 1:
         make = live.make_config
-        live.make_config = lambda v: replace(make(v), epochs=make(v).epochs * longer)
+
+        def longer_config(v):
+            config = make(v)
+            return replace(config, epochs=config.epochs * longer)
+
+        live.make_config = longer_config
     redraws = live.redraws
     with counting() as sent:
         t0 = time.perf_counter()
