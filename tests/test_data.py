@@ -287,6 +287,25 @@ def test_augment_identity_and_flip():
     assert crops.shape == x.shape and not torch.allclose(crops, x)
 
 
+def test_crop_grid_matches_affine_grid():
+    """The axis-by-axis grid against torch's affine_grid for the same crops and flips, on a
+    non-square image so that rows and columns cannot be swapped unnoticed."""
+    g = torch.Generator().manual_seed(3)
+    n, h, w = 16, 6, 11
+    sx = (torch.rand(n, generator=g) + 0.3) * torch.where(torch.rand(n, generator=g) < 0.5, -1, 1)
+    sy, tx, ty = (
+        torch.rand(n, generator=g) + 0.3,
+        torch.randn(n, generator=g),
+        torch.randn(n, generator=g),
+    )
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
+    ref = torch.nn.functional.affine_grid(theta, [n, 3, h, w], align_corners=False)
+    grid = data.crop_grid(sx, tx, sy, ty, h, w)
+    assert grid.shape == ref.shape == (n, h, w, 2)
+    assert torch.allclose(grid, ref, atol=1e-6)
+
+
 def test_normalize_uses_imagenet_statistics():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = data.normalize(x)
