@@ -11,6 +11,9 @@ Measured in the same run, on the same model, batch and optimizer:
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy;
 - thread_*: the engine in a worker thread, as a widget runs it, after torch work on the main
   thread: as is, and after lessons.train.free_openmp_threads() on the main thread;
+- malloc_*: the engine in a worker thread, as a widget runs it, in two fresh processes: one with
+  glibc malloc's defaults (LESSONS_KEEP_MEMORY=0), one with lessons.train.keep_freed_memory(),
+  as train() sets on a CPU: images per second and page faults per step (CPU only; else None);
 - sweep_*: a 4-run sweep (learning rates 0.5x, 1x, 2x, 4x the default) one run after the other
   against the four side by side (lessons.train.train_many: a thread per run, on CUDA a stream
   per run), each as a multiple of one run.
@@ -26,7 +29,10 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -138,6 +144,49 @@ def in_thread(fn, *args):
     return out[0]
 
 
+def _engine_child(config_json: str, name: str, size: int, n_train: int, n_val: int) -> None:
+    """In a fresh process (see malloc_effect): load the data, train as a widget does (in a
+    worker thread, after torch work on the main thread), print one JSON line."""
+    ds = data.load(name, size, torch.device("cpu"), n_train=n_train, n_val=n_val, progress=False)
+    config = TrainConfig(**json.loads(config_json))
+    engine_img_per_s(replace(config, max_steps=10), ds)  # warm up, on the main thread
+    free_openmp_threads()
+
+    def measure() -> tuple[float, float]:
+        engine_img_per_s(replace(config, max_steps=10), ds)  # this thread's malloc arena grows
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        rate = engine_img_per_s(config, ds)
+        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / config.max_steps
+
+    rate, faults = in_thread(measure)
+    print(json.dumps({"img_per_s": rate, "faults_per_step": faults}))
+
+
+def malloc_effect(config: TrainConfig, name: str, size: int, n_train: int, n_val: int) -> dict:
+    """The engine with glibc malloc's defaults against keep_freed_memory(), each in a fresh
+    process (the setting cannot be undone in this one), on the same data (data.load's
+    arguments) and config."""
+    fields = {k: v for k, v in config.__dict__.items() if not callable(v)}
+    args = [json.dumps(fields), name, size, n_train, n_val]
+    code = f"from lessons.bench import _engine_child; _engine_child(*{args!r})"
+    out = {}
+    for keep in ("0", "1"):
+        env = {**os.environ, "LESSONS_KEEP_MEMORY": keep, "LESSONS_DEVICE": "cpu"}
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the malloc measurement's child process failed:\n{done.stderr}")
+        out[keep] = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "malloc_default_img_per_s": round(out["0"]["img_per_s"], 1),
+        "malloc_kept_img_per_s": round(out["1"]["img_per_s"], 1),
+        "malloc_speedup": round(out["1"]["img_per_s"] / out["0"]["img_per_s"], 2),
+        "malloc_default_faults_per_step": round(out["0"]["faults_per_step"]),
+        "malloc_kept_faults_per_step": round(out["1"]["faults_per_step"]),
+    }
+
+
 def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -206,6 +255,19 @@ def run_bench(
     thread_as_is = in_thread(engine_img_per_s, short, ds)
     freed = free_openmp_threads()
     thread_freed = in_thread(engine_img_per_s, short, ds)
+    malloc = (
+        malloc_effect(short, name, profile.size, n_train, n_val)
+        if device.type == "cpu"
+        else dict.fromkeys(
+            (
+                "malloc_default_img_per_s",
+                "malloc_kept_img_per_s",
+                "malloc_speedup",
+                "malloc_default_faults_per_step",
+                "malloc_kept_faults_per_step",
+            )
+        )
+    )
     first = first_point_s(base, ds)
     t0 = time.perf_counter()
     records = list(train(base, dataset=ds))
@@ -243,6 +305,7 @@ def run_bench(
         "thread_freed_img_per_s": round(thread_freed, 1),
         "thread_openmp_freed": freed,
         "thread_speedup": round(thread_freed / thread_as_is, 2),
+        **malloc,
         "first_point_s": round(first, 4),
         "lesson_run_s": round(lesson_s, 2),
         "lesson_epochs": base.epochs,
