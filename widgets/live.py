@@ -995,6 +995,16 @@ class LiveRun:
         grown = (now - self._request_t0) * self.redraw_age_share
         return max(min(fig.max_interval, max(fig.min_interval, grown)), 4 * self._draw_cost)
 
+    def _redraw_due(self, last_draw: float, step: int, total: int, t0: float) -> float:
+        """While records stream in: the progress line and the figure, once redraw_interval
+        has passed since ``last_draw``; the time of the last redraw."""
+        now = time.perf_counter()
+        if now - last_draw < self.redraw_interval(now):
+            return last_draw
+        self._progress(step, total, now - t0)
+        self._draw()
+        return now
+
     def _draw(self) -> None:
         """Redraw every run (thread-safe: the worker and view controls both call it)."""
         with self._draw_lock:
@@ -1099,11 +1109,7 @@ class LiveRun:
             for rec in train(config, stop, dataset=ds):
                 run.records.append(rec)
                 total = rec.extras.get("total_steps", total)
-                now = time.perf_counter()
-                if now - last_draw >= self.redraw_interval(now):
-                    self._progress(rec.step, total, now - t0)
-                    self._draw()
-                    last_draw = now
+                last_draw = self._redraw_due(last_draw, rec.step, total, t0)
         except Exception as e:
             run.status = "error"
             self._progress(
@@ -1137,11 +1143,9 @@ class LiveRun:
                 runs[name].records.append(rec)
                 totals[name] = rec.extras.get("total_steps", totals[name])
                 steps[name] = rec.step
-                now = time.perf_counter()
-                if now - last_draw >= self.redraw_interval(now):
-                    self._progress(sum(steps.values()), sum(totals.values()), now - t0)
-                    self._draw()
-                    last_draw = now
+                last_draw = self._redraw_due(
+                    last_draw, sum(steps.values()), sum(totals.values()), t0
+                )
         except Exception as e:
             for run in runs.values():
                 run.status = "error"
