@@ -543,14 +543,18 @@ def keep_freed_memory() -> bool:
     """Let glibc's malloc reuse the memory a training step frees instead of handing it back to
     the system and faulting it in again at the next step (``mallopt``; once per process).
 
-    Why: a CPU step allocates and frees activations and gradients of a few MB each. glibc
-    serves blocks that large with mmap, or trims the heap's top once it is free, so every step
-    maps fresh pages and zero-fills them: 3,000 - 5,800 page faults a step on the ci-profile
-    model, 15 ms of system time, and steps 1.3 - 1.5x slower (measured on 2 cores; PyTorch's
-    CPU tuning guide swaps in jemalloc or tcmalloc for the same reason, which a running
-    notebook kernel cannot). After this, freed blocks stay in the heap and the process keeps
-    its peak use (at most MALLOC_TRIM_THRESHOLD of it unused) until it exits. True where it was
-    set; False where malloc is not glibc's (macOS, musl), or LESSONS_KEEP_MEMORY=0."""
+    Why: a CPU step allocates and frees activations and gradients of a few MB each. With its
+    default, self-adjusting thresholds, glibc may serve blocks that large with mmap, or trim
+    the heap's top once it is free; whether it does depends on what the process allocated
+    before (a large array freed raises the thresholds), and in a worker thread's arena it
+    often does. Then every step maps fresh pages and zero-fills them: 2,300 - 5,800 page
+    faults a step on the ci-profile model, up to 15 ms of system time, steps up to 1.5x slower
+    (2 cores; PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for the same reason,
+    which a running notebook kernel cannot). After this, freed blocks stay in the heap and the
+    process keeps its peak use (at most MALLOC_TRIM_THRESHOLD of it unused) until it exits;
+    blocks over 64 MB in a worker thread are still mapped each time (glibc's arena limit).
+    True where it was set; False where malloc is not glibc's (macOS, musl), or
+    LESSONS_KEEP_MEMORY=0."""
     if os.environ.get("LESSONS_KEEP_MEMORY", "") in ("0", "false", "no"):
         return False
     if platform.libc_ver()[0] != "glibc":  # another C library's mallopt means other things
