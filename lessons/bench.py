@@ -148,7 +148,8 @@ def _engine_child(config_json: str, name: str, size: int, n_train: int, n_val: i
     """In a fresh process (see malloc_effect): load the data, train as a widget does (in a
     worker thread, after torch work on the main thread), print one JSON line."""
     ds = data.load(name, size, torch.device("cpu"), n_train=n_train, n_val=n_val, progress=False)
-    config = TrainConfig(**json.loads(config_json))
+    fields = json.loads(config_json)  # JSON gives lists back where the config had tuples
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     engine_img_per_s(replace(config, max_steps=10), ds)  # warm up, on the main thread
     free_openmp_threads()
 
