@@ -10,6 +10,12 @@ PROFILE ?=
 
 .PHONY: lab test bench lint clean
 
+# glibc's malloc with one arena for all threads: a widget trains in a worker thread, and a
+# thread's own arena hands blocks over 64 MB, and heaps it has emptied, back to the system
+# every step (lessons.train.keep_freed_memory; BENCHMARKS.md, fifth session). A user's own
+# GLIBC_TUNABLES are kept; other C libraries ignore the variable.
+MALLOC_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.arena_max=1
+
 # the course itself; the test tools (pytest, nbval, ruff, playwright) only for make test
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +29,7 @@ $(TEST_STAMP): $(STAMP)
 # Jupyter refuses to run as root (containers, Colab-like machines) without --allow-root
 lab: $(STAMP)
 	$(BIN)/python -m lessons.data --prepare
-	$(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root,) \
+	$(MALLOC_ENV) $(BIN)/jupyter lab --ServerApp.ip=127.0.0.1 $(if $(filter 0,$(shell id -u)),--allow-root,) \
 		notebooks/00_start_here.ipynb
 
 lint: $(TEST_STAMP)
@@ -31,12 +37,13 @@ lint: $(TEST_STAMP)
 	$(BIN)/ruff format --check .
 
 test: lint
-	LESSONS_PROFILE=ci LESSONS_DATA=$(CURDIR)/.cache/test-data $(BIN)/python -m pytest tests \
+	$(MALLOC_ENV) LESSONS_PROFILE=ci LESSONS_DATA=$(CURDIR)/.cache/test-data \
+		$(BIN)/python -m pytest tests \
 		--nbval-lax notebooks --nbval-cell-timeout=600 -p no:cacheprovider
 
 bench: $(STAMP)
-	$(BIN)/python -m lessons.bench $(if $(PROFILE),--profile $(PROFILE),)
-	$(BIN)/python -m widgets.bench $(if $(PROFILE),--profile $(PROFILE),)
+	$(MALLOC_ENV) $(BIN)/python -m lessons.bench $(if $(PROFILE),--profile $(PROFILE),)
+	$(MALLOC_ENV) $(BIN)/python -m widgets.bench $(if $(PROFILE),--profile $(PROFILE),)
 
 clean:
 	rm -rf $(VENV) .cache

@@ -11,9 +11,10 @@ Measured in the same run, on the same model, batch and optimizer:
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy;
 - thread_*: the engine in a worker thread, as a widget runs it, after torch work on the main
   thread: as is, and after lessons.train.free_openmp_threads() on the main thread;
-- malloc_*: the engine in a worker thread, as a widget runs it, in two fresh processes: one with
-  glibc malloc's defaults (LESSONS_KEEP_MEMORY=0), one with lessons.train.keep_freed_memory(),
-  as train() sets on a CPU: images per second and page faults per step (CPU only; else None);
+- malloc_*: the engine in a worker thread, as a widget runs it, in a fresh process for each of
+  MALLOC_SETTINGS: glibc malloc's defaults; lessons.train.keep_freed_memory(), as train() sets
+  on a CPU; and that with one malloc arena for all threads (GLIBC_TUNABLES, as make lab, test and
+  bench run): images per second, page faults per step, speedup over the defaults (CPU only);
 - sweep_*: a 4-run sweep (learning rates 0.5x, 1x, 2x, 4x the default) one run after the other
   against the four side by side (lessons.train.train_many: a thread per run, on CUDA a stream
   per run), each as a multiple of one run.
@@ -47,6 +48,7 @@ from lessons import data
 from lessons.models import make_model
 from lessons.profiles import get_profile, pick_device
 from lessons.train import (
+    MALLOC_TUNABLES,
     OPTIMIZERS,
     TrainConfig,
     _param_groups,
@@ -163,29 +165,49 @@ def _engine_child(config_json: str, name: str, size: int, n_train: int, n_val: i
     print(json.dumps({"img_per_s": rate, "faults_per_step": faults}))
 
 
+MALLOC_SETTINGS = {  # name: (LESSONS_KEEP_MEMORY, whether GLIBC_TUNABLES has MALLOC_TUNABLES)
+    "default": ("0", False),  # glibc's own, self-adjusting thresholds
+    "kept": ("1", False),  # keep_freed_memory(), as train() sets on a CPU
+    "one_arena": ("1", True),  # and one malloc arena for all threads, as make lab/test/bench run
+}
+MALLOC_FIELDS = tuple(
+    f"malloc_{name}_{what}"
+    for name in MALLOC_SETTINGS
+    for what in ("img_per_s", "faults_per_step", "speedup")
+    if not (name == "default" and what == "speedup")
+)
+
+
 def malloc_effect(config: TrainConfig, name: str, size: int, n_train: int, n_val: int) -> dict:
-    """The engine with glibc malloc's defaults against keep_freed_memory(), each in a fresh
-    process (the setting cannot be undone in this one), on the same data (data.load's
-    arguments) and config."""
+    """The engine under each of MALLOC_SETTINGS, each in a fresh process (malloc's settings
+    cannot be undone in this one), on the same data (data.load's arguments) and config."""
     fields = {k: v for k, v in config.__dict__.items() if not callable(v)}
     args = [json.dumps(fields), name, size, n_train, n_val]
     code = f"from lessons.bench import _engine_child; _engine_child(*{args!r})"
+    theirs = [
+        t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and t != MALLOC_TUNABLES
+    ]
     out = {}
-    for keep in ("0", "1"):
+    for setting, (keep, one_arena) in MALLOC_SETTINGS.items():
+        tunables = ":".join(theirs + [MALLOC_TUNABLES] * one_arena)
         env = {**os.environ, "LESSONS_KEEP_MEMORY": keep, "LESSONS_DEVICE": "cpu"}
+        env.pop("GLIBC_TUNABLES", None)
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
         )
         if done.returncode != 0:
             raise RuntimeError(f"the malloc measurement's child process failed:\n{done.stderr}")
-        out[keep] = json.loads(done.stdout.strip().splitlines()[-1])
-    return {
-        "malloc_default_img_per_s": round(out["0"]["img_per_s"], 1),
-        "malloc_kept_img_per_s": round(out["1"]["img_per_s"], 1),
-        "malloc_speedup": round(out["1"]["img_per_s"] / out["0"]["img_per_s"], 2),
-        "malloc_default_faults_per_step": round(out["0"]["faults_per_step"]),
-        "malloc_kept_faults_per_step": round(out["1"]["faults_per_step"]),
-    }
+        out[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+    result = {}
+    for setting, r in out.items():
+        result[f"malloc_{setting}_img_per_s"] = round(r["img_per_s"], 1)
+        result[f"malloc_{setting}_faults_per_step"] = round(r["faults_per_step"])
+        if setting != "default":
+            speedup = r["img_per_s"] / out["default"]["img_per_s"]
+            result[f"malloc_{setting}_speedup"] = round(speedup, 2)
+    return result
 
 
 def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> float:
@@ -259,15 +281,7 @@ def run_bench(
     malloc = (
         malloc_effect(short, name, profile.size, n_train, n_val)
         if device.type == "cpu"
-        else dict.fromkeys(
-            (
-                "malloc_default_img_per_s",
-                "malloc_kept_img_per_s",
-                "malloc_speedup",
-                "malloc_default_faults_per_step",
-                "malloc_kept_faults_per_step",
-            )
-        )
+        else dict.fromkeys(MALLOC_FIELDS)
     )
     first = first_point_s(base, ds)
     t0 = time.perf_counter()

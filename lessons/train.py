@@ -536,6 +536,9 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 # back to the system only above the trim threshold
 MALLOC_MMAP_THRESHOLD = 256 << 20
 MALLOC_TRIM_THRESHOLD = 512 << 20
+# set before a process starts (make lab, test and bench do): every thread allocates from the
+# main arena, which keeps what it frees; see keep_freed_memory
+MALLOC_TUNABLES = "glibc.malloc.arena_max=1"
 
 
 @functools.cache
@@ -551,8 +554,15 @@ def keep_freed_memory() -> bool:
     faults a step on the ci-profile model, up to 15 ms of system time, steps up to 1.5x slower
     (2 cores; PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc for the same reason,
     which a running notebook kernel cannot). After this, freed blocks stay in the heap and the
-    process keeps its peak use (at most MALLOC_TRIM_THRESHOLD of it unused) until it exits;
-    blocks over 64 MB in a worker thread are still mapped each time (glibc's arena limit).
+    process keeps its peak use (at most MALLOC_TRIM_THRESHOLD of it unused) until it exits.
+
+    A worker thread, as a widget's, allocates from an arena of its own, and such an arena
+    still maps blocks over 64 MB afresh each time and gives back every heap it empties,
+    whatever the thresholds: on the cpu profile at batch 1024, 85,000 faults a step. Only one
+    arena for all threads avoids that, and glibc reads that setting only when a process
+    starts: GLIBC_TUNABLES=glibc.malloc.arena_max=1 (MALLOC_TUNABLES), which make lab, test
+    and bench set. With both, that widget run took 13-14 s instead of 19-20 s.
+
     True where it was set; False where malloc is not glibc's (macOS, musl), or
     LESSONS_KEEP_MEMORY=0."""
     if os.environ.get("LESSONS_KEEP_MEMORY", "") in ("0", "false", "no"):

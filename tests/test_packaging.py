@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -87,6 +88,39 @@ def test_readme_leads_with_the_two_commands_and_ci_runs_the_test_one():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^lab:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "127.0.0.1" in makefile  # JupyterLab listens on loopback only
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_lab_test_and_bench_start_python_with_one_malloc_arena():
+    from lessons.train import MALLOC_TUNABLES
+
+    dry = subprocess.run(
+        ["make", "-n", "-B", "lab", "test", "bench"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dry.returncode == 0, dry.stderr
+    commands = dry.stdout.replace("\\\n", " ").splitlines()
+    for what in ("jupyter lab", "-m pytest", "-m lessons.bench", "-m widgets.bench"):
+        line = next(c for c in commands if what in c)
+        assert f"GLIBC_TUNABLES=${{GLIBC_TUNABLES:+$GLIBC_TUNABLES:}}{MALLOC_TUNABLES} " in line
+    # and the shell makes of it what glibc reads, with a user's own tunables kept
+    for theirs, expect in (("", MALLOC_TUNABLES), ("a.b=1", f"a.b=1:{MALLOC_TUNABLES}")):
+        env = (
+            {**os.environ, "GLIBC_TUNABLES": theirs}
+            if theirs
+            else {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        )
+        shell = subprocess.run(
+            ["sh", "-c", line.split(" .venv/")[0] + " env"],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        assert f"GLIBC_TUNABLES={expect}" in shell.stdout.splitlines()
 
 
 def test_readme_has_a_colab_badge_per_notebook_for_the_setup_cells_repository():
