@@ -284,12 +284,42 @@ def _glibc() -> bool:
     return platform.libc_ver()[0] == "glibc"
 
 
+# run first in the fresh processes of the page-fault tests: minor page faults of the median
+# round of ``work`` (the median: the heap may grow once or twice after a change)
+MEDIAN_FAULTS = (
+    "import resource\n"
+    "def median_faults(work, rounds):\n"
+    "    counts = []\n"
+    "    for _ in range(rounds):\n"
+    "        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "        work()\n"
+    "        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n"
+    "    return sorted(counts)[rounds // 2]\n"
+)
+
+
+def _fresh_python(code: str, **env) -> str:
+    """stdout of ``code`` in a fresh interpreter, without this process's malloc settings
+    (LESSONS_KEEP_MEMORY, GLIBC_TUNABLES) unless given in ``env``."""
+    clean = {
+        k: v for k, v in os.environ.items() if k not in ("LESSONS_KEEP_MEMORY", "GLIBC_TUNABLES")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", MEDIAN_FAULTS + code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**clean, **env},
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 @pytest.mark.skipif(not _glibc(), reason="mallopt's thresholds are glibc's")
 def test_keep_freed_memory_ends_the_page_faults_of_every_cpu_step():
-    # a fresh process: whether malloc is tuned depends on the tests before; the same steps of
-    # the ci-profile model are counted with glibc's defaults, then after the call
+    # the same steps of the ci-profile model, with glibc's defaults, then after the call
     code = (
-        "import resource, torch, torch.nn.functional as F\n"
+        "import torch, torch.nn.functional as F\n"
         "from lessons.models import make_model\n"
         "from lessons.train import keep_freed_memory\n"
         "torch.manual_seed(0)\n"
@@ -301,23 +331,11 @@ def test_keep_freed_memory_ends_the_page_faults_of_every_cpu_step():
         "    opt.zero_grad(set_to_none=True)\n"
         "    F.cross_entropy(m(x), y).backward()\n"
         "    opt.step()\n"
-        "def faults():\n"  # the median step's: the heap may grow once or twice after the call
-        "    counts = []\n"
-        "    for _ in range(15):\n"
-        "        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "        step()\n"
-        "        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n"
-        "    return sorted(counts)[len(counts) // 2]\n"
-        "before = faults()\n"
+        "before = median_faults(step, 15)\n"
         "assert keep_freed_memory()\n"
-        "print(before, faults())\n"
+        "print(before, median_faults(step, 15))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "LESSONS_KEEP_MEMORY"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert out.returncode == 0, out.stderr
-    before, after = map(float, out.stdout.split())
+    before, after = map(int, _fresh_python(code).split())
     assert before > 500, before  # measured 2,900 - 5,800 a step: the activations, mapped afresh
     assert after < 50, after  # measured 0
 
@@ -330,36 +348,26 @@ def test_a_worker_threads_large_blocks_are_kept_only_with_one_malloc_arena():
     from lessons.train import MALLOC_TUNABLES
 
     code = (
-        "import resource, threading, torch\n"
+        "import threading, torch\n"
         "from lessons.train import keep_freed_memory\n"
         "assert keep_freed_memory()\n"
-        "counts = []\n"
-        "def work():\n"
-        "    for _ in range(9):\n"
-        "        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "        a = torch.ones(20_000_000)\n"  # 80 MB, as a step's activation and gradients
-        "        b = a * 2\n"
-        "        del a\n"
-        "        c = b + 1\n"
-        "        del b, c\n"
-        "        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n"
-        "t = threading.Thread(target=work)\n"
+        "def round():\n"
+        "    a = torch.ones(20_000_000)\n"  # 80 MB, as a step's activation and gradients
+        "    b = a * 2\n"
+        "    del a\n"
+        "    c = b + 1\n"
+        "    del b, c\n"
+        "out = []\n"
+        "t = threading.Thread(target=lambda: out.append(median_faults(round, 9)))\n"
         "t.start(); t.join()\n"
-        "print(sorted(counts)[len(counts) // 2])\n"
+        "print(out[0])\n"
     )
-    faults = {}
-    for one_arena in (False, True):
-        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES",)}
-        env.pop("LESSONS_KEEP_MEMORY", None)
-        if one_arena:
-            env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
-        out = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
-        )
-        assert out.returncode == 0, out.stderr
-        faults[one_arena] = int(out.stdout)
-    # the median of 9 rounds: 80 MB is 19,531 pages of 4 kB; measured 58,596 (three blocks
-    # faulted in every round) against 0 from the fourth round on
+    faults = {
+        False: int(_fresh_python(code)),
+        True: int(_fresh_python(code, GLIBC_TUNABLES=MALLOC_TUNABLES)),
+    }
+    # 80 MB is 19,531 pages of 4 kB; measured 58,596 (three blocks faulted in every round)
+    # against 0 from the fourth round on
     assert faults[False] > 30_000, faults
     assert faults[True] < 100, faults
 
