@@ -90,37 +90,50 @@ def test_readme_leads_with_the_two_commands_and_ci_runs_the_test_one():
     assert "127.0.0.1" in makefile  # JupyterLab listens on loopback only
 
 
+def make_dry_run(*args: str) -> list[str]:
+    """The commands `make -n -B ARGS` would run, one per line (continuations joined)."""
+    dry = subprocess.run(
+        ["make", "-n", "-B", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert dry.returncode == 0, dry.stderr
+    return dry.stdout.replace("\\\n", " ").splitlines()
+
+
+def environment_of(command: str, **theirs: str | None) -> list[str]:
+    """The environment the shell gives the venv's program in a make command, as NAME=value
+    lines, for a user whose own environment sets (or, with None, lacks) the names in theirs."""
+    env = {k: v for k, v in os.environ.items() if k not in theirs}
+    env.update({k: v for k, v in theirs.items() if v is not None})
+    prefix = re.split(r"\s\.venv/", command)[0]  # the assignments before the program
+    shell = subprocess.run(
+        ["sh", "-c", prefix + " env"], capture_output=True, text=True, env=env, check=True
+    )
+    return shell.stdout.splitlines()
+
+
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_lab_test_and_bench_start_python_with_one_malloc_arena():
     from lessons.train import MALLOC_TUNABLES
 
-    dry = subprocess.run(
-        ["make", "-n", "-B", "lab", "test", "bench"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert dry.returncode == 0, dry.stderr
-    commands = dry.stdout.replace("\\\n", " ").splitlines()
+    commands = make_dry_run("lab", "test", "bench")
     for what in ("jupyter lab", "-m pytest", "-m lessons.bench", "-m widgets.bench"):
         line = next(c for c in commands if what in c)
         assert f"GLIBC_TUNABLES=${{GLIBC_TUNABLES:+$GLIBC_TUNABLES:}}{MALLOC_TUNABLES} " in line
-    # and the shell makes of it what glibc reads, with a user's own tunables kept
-    for theirs, expect in (("", MALLOC_TUNABLES), ("a.b=1", f"a.b=1:{MALLOC_TUNABLES}")):
-        env = (
-            {**os.environ, "GLIBC_TUNABLES": theirs}
-            if theirs
-            else {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        )
-        shell = subprocess.run(
-            ["sh", "-c", line.split(" .venv/")[0] + " env"],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        assert f"GLIBC_TUNABLES={expect}" in shell.stdout.splitlines()
+        # and the shell makes of it what glibc reads, with a user's own tunables kept
+        for theirs, expect in ((None, MALLOC_TUNABLES), ("a.b=1", f"a.b=1:{MALLOC_TUNABLES}")):
+            assert f"GLIBC_TUNABLES={expect}" in environment_of(line, GLIBC_TUNABLES=theirs)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+@pytest.mark.parametrize("workers", ["2", "0"])
+def test_make_test_runs_in_worker_processes_that_share_out_the_cores(workers):
+    commands = make_dry_run("test", f"TEST_WORKERS={workers}")
+    line = next(c for c in commands if "-m pytest" in c)
+    # nbval needs a notebook's cells in one process, in order: loadscope keeps each file together
+    assert re.search(rf" -m pytest tests -n {workers} --dist loadscope ", line), line
+    threads = max(1, (os.cpu_count() or 1) // max(1, int(workers)))
+    for theirs, expect in ((None, threads), ("3", 3)):  # a user's own setting is kept
+        assert f"OMP_NUM_THREADS={expect}" in environment_of(line, OMP_NUM_THREADS=theirs)
 
 
 def test_readme_has_a_colab_badge_per_notebook_for_the_setup_cells_repository():
