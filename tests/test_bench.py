@@ -46,14 +46,15 @@ def test_bench_prints_one_json_object_with_ratios():
     thread = result["thread_freed_img_per_s"] / result["thread_img_per_s"]
     assert result["thread_speedup"] == pytest.approx(thread, abs=0.01)
     assert result["thread_openmp_freed"] is (sys.platform == "linux")  # torch's libgomp
-    default = result["malloc_default_faults_per_step"]
     for setting in ("kept", "one_arena"):
         ratio = result[f"malloc_{setting}_img_per_s"] / result["malloc_default_img_per_s"]
         assert result[f"malloc_{setting}_speedup"] == pytest.approx(ratio, abs=0.01)
-        # page faults are counted, not timed: glibc's defaults map a worker thread's
-        # activations afresh every step (measured 2,300 - 4,000 a step); kept, they are reused
-        assert result[f"malloc_{setting}_faults_per_step"] < default / 10
-    assert default > 500
+    # page faults are counted, but how many glibc's self-adjusting defaults cause depends on what
+    # the process allocated before (74 - 3,900 a step seen here); that keeping freed memory and
+    # one arena end them is tested in fresh, controlled processes in tests/test_train.py
+    for setting in ("default", "kept", "one_arena"):
+        faults = result[f"malloc_{setting}_faults_per_step"]
+        assert isinstance(faults, int) and faults >= 0, (setting, faults)
     for mode in ("sequential", "concurrent"):
         over = result[f"sweep_{mode}_s"] / result["lesson_run_s"]  # both rounded to 0.01 s
         assert result[f"sweep_{mode}_over_one_run"] == pytest.approx(over, rel=0.03)
