@@ -28,6 +28,9 @@ class Profile:
     n_train: int = 9_469
     n_val: int = 3_925
     description: str = ""
+    # train under bfloat16 autocast on a CPU that computes bf16 natively (AVX512-BF16, AMX):
+    # 1.2 - 1.45x faster steps there (lessons.train.use_bf16)
+    cpu_bf16: bool = False
 
 
 PROFILES = {
@@ -52,6 +55,7 @@ PROFILES = {
         width=16,
         depth=1,
         description="Imagenette 32 px, ResNet width 16 (a laptop CPU)",
+        cpu_bf16=True,
     ),
     "ci": Profile(
         "ci",

@@ -98,6 +98,10 @@ class TrainConfig:
     # where it measured 2.2x faster than the loop (on 2 CPU cores it was 0.6x)
     micro_vmap: bool | None = None
     record_trust: bool = False  # keep the per-tensor trust ratios of a LAMB-like optimizer
+    # bfloat16 autocast for the forward pass (weights, gradients and optimizer state stay
+    # float32). None: see use_bf16 (on CUDA; on a CPU with native bf16 where the profile
+    # allows it); LESSONS_BF16=1|0 overrides None
+    bf16: bool | None = None
     evaluate: bool = True
     # With BatchNorm a far too large learning rate seldom gives NaN: it throws the net to
     # worse than chance and keeps it there. So a run also counts as diverged when, after
@@ -202,6 +206,52 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 
+# torch.cpu's ISA checks, by the names torch has given them since 2.4
+_NATIVE_BF16_CHECKS = (
+    "_is_avx512_bf16_supported",
+    "_is_amx_tile_supported",
+    "_is_cpu_support_amx_tile",
+)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX: recent Xeons, AMD Zen 4),
+    which oneDNN's bf16 convolutions use; elsewhere it emulates bf16 with float32 arithmetic
+    and gains nothing (oneDNN's own check, ``torch.ops.mkldnn._is_mkldnn_bf16_supported``,
+    says yes to any AVX-512 CPU)."""
+    for name in _NATIVE_BF16_CHECKS:
+        check = getattr(torch.cpu, name, None)
+        try:
+            if check is not None and check():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def use_bf16(c: TrainConfig, device: torch.device) -> bool:
+    """Whether a run trains under bfloat16 autocast: ``c.bf16`` where set, else
+    LESSONS_BF16=1|0, else on CUDA, and on a CPU with native bf16 where the run's profile
+    allows it (``Profile.cpu_bf16``: the cpu profile does; the ci profile keeps float32, so
+    that the tests see the same numbers on every CPU). Never on other devices (MPS)."""
+    if c.bf16 is not None:
+        return c.bf16
+    env = os.environ.get("LESSONS_BF16", "")
+    if env:
+        return env not in ("0", "false", "no")
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu" or not cpu_has_native_bf16():
+        return False
+    return bool(c.profile) and get_profile(c.profile).cpu_bf16
+
+
+def precision(c: TrainConfig, device: torch.device) -> str:
+    """How a run computes, in words: "bf16 autocast" or "float32" (see use_bf16)."""
+    return "bf16 autocast" if use_bf16(c, device) else "float32"
+
+
 def lr_multiplier(c: TrainConfig, step: int, total: int) -> float:
     if c.schedule == "constant":
         return 1.0
@@ -254,6 +304,7 @@ def train(
     device = ds.device
     c.check(ds.n_train)
     cuda = device.type == "cuda"
+    bf16 = use_bf16(c, device)
     if device.type == "cpu":
         keep_freed_memory()  # else every CPU step page-faults its activations in afresh
     channels_last = device.type in ("cuda", "cpu")  # faster convolutions on both
@@ -280,6 +331,7 @@ def train(
         "device": str(device),
         "dataset": ds.name,
         "notice": ds.notice,
+        "precision": precision(c, device),
     }
     capped = [e for e, b, _, _ in plan if b < _scheduled_batch(c, e)]
     if capped:
@@ -404,7 +456,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 if vmapped is not None:  # every micro-batch gradient in one pass
                     shape = (batch // micro, micro)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         grads, parts = vmapped(
                             {k: p.detach() for k, p in model.named_parameters()},
                             x.reshape(*shape, *x.shape[1:]),
@@ -415,7 +467,7 @@ def train(
                 elif micro:  # one backward per micro-batch, each gradient kept by accumulate()
                     parts = []
                     for j in range(0, batch, micro):
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                             out = model(x[j : j + micro])
                         part = F.cross_entropy(
                             out.float(), y[j : j + micro], label_smoothing=c.label_smoothing
@@ -425,7 +477,7 @@ def train(
                         parts.append(part.detach())
                     loss = torch.stack(parts).mean()
                 else:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                         out = model(x)
                     loss = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
                     loss.backward()
@@ -441,7 +493,7 @@ def train(
                     yield from flush()
             yield from flush()
             if c.evaluate:
-                vl, va = evaluate(model, ds, autocast=cuda)
+                vl, va = evaluate(model, ds, autocast=bf16)
                 found = c.on_epoch(model, ds, epoch) if c.on_epoch is not None else {}
                 yield Metrics(
                     step, samples, epoch_f, None, lr, batch, vl, va, kind="eval", extras=found
@@ -609,8 +661,9 @@ def train_many(
 
     Concurrently (``concurrent``; None: see concurrent_by_default): a thread per run, on CUDA
     each on a stream of its own so that their kernels overlap; the records of different runs
-    interleave. Otherwise one run after the other. Each run's records are the ones ``train``
-    gives on its own. ``stop`` ends every run within a step; closing the generator too."""
+    interleave; on a CPU each run's thread computes with its share of the caller's OpenMP
+    threads. Otherwise one run after the other. Each run's records are the ones ``train``
+    gives on its own (with as many threads). ``stop`` ends every run within a step; closing the generator too."""
     stop = stop or threading.Event()
     datasets = datasets or {}
     if not configs:
@@ -630,10 +683,17 @@ def train_many(
     done = object()
     free_openmp_threads()  # see there: CPU steps in threads are slower otherwise
 
+    # on a CPU each run's thread gets its share of the cores' OpenMP threads (torch's thread
+    # count is the calling thread's own): teams of two for each of four runs on two cores made
+    # a bf16 sweep 5 - 14x slower than one run after the other
+    share = max(1, torch.get_num_threads() // len(configs))
+
     def worker(name: str, c: TrainConfig) -> None:
         try:
             ds = datasets.get(name)
             cuda = (ds.device.type if ds else torch.device(c.device or "cpu").type) == "cuda"
+            if not cuda:
+                torch.set_num_threads(share)
             ctx = torch.cuda.stream(torch.cuda.Stream()) if cuda else contextlib.nullcontext()
             with ctx:
                 for rec in train(c, stop, dataset=ds):

@@ -107,6 +107,53 @@ def test_impossible_settings_raise_a_clear_value_error(shapes_ci, kw, match):
         run(ci(**kw), dataset=shapes_ci)
 
 
+def test_bf16_autocast_on_a_cpu_trains_repeats_and_says_so(shapes_ci):
+    a = run(ci(epochs=3, bf16=True), dataset=shapes_ci)
+    b = run(ci(epochs=3, bf16=True), dataset=shapes_ci)
+    f = run(ci(epochs=3, bf16=False), dataset=shapes_ci)
+    assert losses(a) == losses(b)  # repeatable bit for bit in bf16 too
+    assert losses(a) != losses(f)  # the forward pass really ran in bf16
+    # the same net from the same weights: the first losses differ only by bf16's rounding
+    assert abs(losses(a)[0] - losses(f)[0]) < 0.05
+    ls = losses(a)
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.2
+    assert a[-1].extras["precision"] == "bf16 autocast"
+    assert f[-1].extras["precision"] == "float32"
+
+
+def test_use_bf16_follows_the_setting_the_environment_the_device_and_the_profile(monkeypatch):
+    import lessons.train as T
+
+    monkeypatch.delenv("LESSONS_BF16", raising=False)
+    cpu, cuda, mps = (torch.device(d) for d in ("cpu", "cuda", "mps"))
+    on_cpu, on_ci = TrainConfig.from_profile("cpu"), TrainConfig.from_profile("ci")
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
+    assert T.use_bf16(on_cpu, cpu) and T.precision(on_cpu, cpu) == "bf16 autocast"
+    assert not T.use_bf16(on_ci, cpu)  # the tests see float32 numbers on every CPU
+    assert not T.use_bf16(TrainConfig(), cpu)  # no profile: float32
+    assert not T.use_bf16(TrainConfig.from_profile("cpu", bf16=False), cpu)
+    assert T.use_bf16(on_ci, cuda) and not T.use_bf16(on_cpu, mps)
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: False)
+    assert not T.use_bf16(on_cpu, cpu) and T.precision(on_cpu, cpu) == "float32"
+    assert T.use_bf16(TrainConfig.from_profile("ci", bf16=True), cpu)  # asked for: emulated
+    monkeypatch.setenv("LESSONS_BF16", "1")
+    assert T.use_bf16(on_ci, cpu)
+    monkeypatch.setenv("LESSONS_BF16", "0")
+    assert not T.use_bf16(on_ci, cuda)
+    assert T.use_bf16(TrainConfig.from_profile("ci", bf16=True), cuda)  # the setting wins
+
+
+@pytest.mark.skipif(
+    not (sys.platform == "linux" and os.uname().machine == "x86_64"), reason="reads x86 flags"
+)
+def test_native_bf16_means_the_cpus_bf16_instructions():
+    from lessons.train import cpu_has_native_bf16
+
+    with open("/proc/cpuinfo") as f:
+        flags = next(ln for ln in f if ln.startswith("flags")).split()
+    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
 @pytest.mark.parametrize("opt", ["sgd", "adam", "adamw"])
 def test_every_optimizer_trains(shapes_ci, opt):
     lr = 0.05 if opt == "sgd" else 3e-3
@@ -184,14 +231,21 @@ def test_train_many_side_by_side_gives_each_run_its_own_records(shapes_ci):
     datasets = dict.fromkeys(configs, shapes_ci)
     got = {k: [] for k in configs}
     order = []
-    for name, rec in train_many(configs, datasets=datasets, concurrent=True):
-        got[name].append(rec)
-        order.append(name)
-    for name, c in configs.items():
-        alone = run(c, dataset=shapes_ci)
-        assert [(r.kind, r.step, r.loss) for r in got[name]] == [
-            (r.kind, r.step, r.loss) for r in alone
-        ]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two runs side by side: one OpenMP thread each
+    try:
+        for name, rec in train_many(configs, datasets=datasets, concurrent=True):
+            got[name].append(rec)
+            order.append(name)
+        assert torch.get_num_threads() == 2  # the caller's own count is left as it was
+        torch.set_num_threads(1)  # float sums depend on how many threads share them
+        for name, c in configs.items():
+            alone = run(c, dataset=shapes_ci)
+            assert [(r.kind, r.step, r.loss) for r in got[name]] == [
+                (r.kind, r.step, r.loss) for r in alone
+            ]
+    finally:
+        torch.set_num_threads(threads)
     # interleaved: the small-batch run had records after the large-batch run began
     assert order.index("b128") < len(order) - 1 - order[::-1].index("b32")
     sequential = [n for n, _ in train_many(configs, datasets=datasets, concurrent=False)]
@@ -206,6 +260,31 @@ def test_train_many_side_by_side_gives_each_run_its_own_records(shapes_ci):
             stop.set()
     assert max(seen.values()) < 200  # both ended within a few steps of the stop
     assert not [t for t in threading.enumerate() if t.name.startswith("train-")]
+
+
+def test_train_many_gives_each_cpu_run_its_share_of_the_threads(shapes_ci, monkeypatch):
+    """Four runs on a CPU each train with a quarter of the caller's OpenMP threads: with a
+    team of the caller's size each, a bf16 sweep on 2 cores took 5 - 14x as long as one run
+    after the other."""
+    import lessons.train as T
+
+    seen = {}
+
+    def fake_train(c, stop=None, dataset=None):
+        seen[c.seed] = torch.get_num_threads()
+        yield Metrics(1, c.batch, 1.0, 1.0, c.lr, c.batch)
+
+    monkeypatch.setattr(T, "train", fake_train)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(8)
+    try:
+        configs = {f"s{i}": ci(seed=i) for i in range(4)}
+        list(T.train_many(configs, datasets=dict.fromkeys(configs, shapes_ci), concurrent=True))
+        assert seen == {0: 2, 1: 2, 2: 2, 3: 2} and torch.get_num_threads() == 8
+        list(T.train_many(configs, datasets=dict.fromkeys(configs, shapes_ci), concurrent=False))
+        assert seen == {0: 8, 1: 8, 2: 8, 3: 8}  # one after the other: all of them
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_train_many_raises_a_runs_error_and_stops_the_others(shapes_ci):

@@ -41,6 +41,7 @@ from lessons.train import (
     concurrent_by_default,
     free_openmp_threads,
     load_data,
+    precision,
     train,
     train_many,
     warm_up,
@@ -1098,7 +1099,8 @@ class LiveRun:
         """Train one config into a new RunRecord of the current group; say how it ended."""
         run = self._start_run(values, name, config, ds)
         self._set_status(
-            f"Running {run.label}{of} on {ds.device} ({ds.name}).{_notice(ds)}"
+            f"Running {run.label}{of} on {ds.device}, {precision(config, ds.device)} "
+            f"({ds.name}).{_notice(ds)}"
             + (f" {self.front_end_notice}" if self.front_end_notice else ""),
             "warn" if ds.notice or self.front_end_notice else "info",
         )
@@ -1130,7 +1132,8 @@ class LiveRun:
         runs = {name: self._start_run(values, name, c, data[name]) for name, c in configs.items()}
         ds = next(iter(data.values()))
         self._set_status(
-            f"Running {len(runs)} runs side by side on {ds.device} ({ds.name}): "
+            f"Running {len(runs)} runs side by side on {ds.device}, "
+            f"{precision(next(iter(configs.values())), ds.device)} ({ds.name}): "
             f"{self.label(values)}.{_notice(ds)}",
             "warn" if ds.notice else "info",
         )
@@ -1179,6 +1182,7 @@ class LiveRun:
                 meta={
                     "profile": config.profile,
                     "device": str(ds.device),
+                    "precision": precision(config, ds.device),
                     "dataset": ds.name,
                     "notice": ds.notice,
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"),
