@@ -1,10 +1,16 @@
 """``python -m lessons.bench``: the engine against a conventional per-item pipeline.
 
-Measured in the same run, on the same model, batch and optimizer:
+Measured in the same run, on the same model, batch, optimizer and precision:
 - baseline: a torch DataLoader over the extracted JPEG folder, decoding every item with Pillow
   (full decode, random resized crop, flip, to tensor, normalise), ``min(8, cores)`` workers;
 - engine: lessons.train with the split preloaded as uint8 on the device and augmentation on the
   device (the median of three timed runs);
+- bare_img_per_s: the model alone (forward, backward, step on one batch already prepared on
+  the device): ``ceiling_speedup`` = bare / baseline is the most any data path could reach,
+  ``engine_over_bare`` what the engine's data path costs;
+- precision: the profile's default (lessons.train.use_bf16); where the device computes bf16
+  natively (CUDA, or a CPU with AVX512-BF16 / AMX), the engine in float32 and under bf16
+  autocast (``engine_fp32_img_per_s``, ``engine_bf16_img_per_s``, ``bf16_speedup``);
 - micro_*: invariant AdamW with 8 micro-batches per batch (LayerNorm model), one backward per
   micro-batch against all micro-batch gradients in one torch.func (vmap) pass;
 - first_point_s: from a start request to the first loss point of a new run (data warm);
@@ -52,9 +58,12 @@ from lessons.train import (
     OPTIMIZERS,
     TrainConfig,
     _param_groups,
+    cpu_has_native_bf16,
     free_openmp_threads,
+    precision,
     train,
     train_many,
+    use_bf16,
 )
 
 
@@ -104,12 +113,13 @@ def baseline_img_per_s(
     model = model.to(memory_format=torch.channels_last)  # as the engine, so only data differs
     opt = OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
     cuda = device.type == "cuda"
+    bf16 = use_bf16(config, device)
     done, t0 = 0, None
     while done < warmup + steps:
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = model(x)
             loss = F.cross_entropy(out.float(), y)
             opt.zero_grad(set_to_none=True)
@@ -122,6 +132,38 @@ def baseline_img_per_s(
                 t0 = time.perf_counter()
             if done >= warmup + steps:
                 break
+    loss.item()
+    return steps * config.batch / (time.perf_counter() - t0)
+
+
+def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: int = 5) -> float:
+    """The model alone: forward, backward and optimizer step on one batch already on the
+    device, normalised, augmented and in channels_last, as the engine's steps see it, and no
+    data path at all. No pipeline can feed the model faster than this, so bare / baseline is
+    the ceiling of ``speedup``, and engine / bare what the engine's data path costs."""
+    device = ds.device
+    cuda = device.type == "cuda"
+    bf16 = use_bf16(config, device)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    idx = torch.randperm(ds.n_train, generator=gen, device=device)[: config.batch]
+    x = data.augment(data.normalize(ds.train_x[idx]), gen)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = ds.train_y[idx]
+    torch.manual_seed(config.seed)
+    model = make_model(len(ds.classes), config.width, config.depth, config.norm).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
+    for i in range(warmup + steps):
+        if i == warmup:
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
     loss.item()
     return steps * config.batch / (time.perf_counter() - t0)
 
@@ -258,6 +300,15 @@ def run_bench(
 
     engine_img_per_s(replace(timed, max_steps=4 * warmup), ds)  # warm up
     engine = statistics.median(engine_img_per_s(timed, ds) for _ in range(3))
+    bare = statistics.median(bare_img_per_s(timed, ds, steps) for _ in range(3))
+    # float32 against bf16 autocast, where the device computes bf16 natively
+    bf16_native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    by_precision = {}
+    if bf16_native:
+        for bf in (False, True):
+            one = replace(timed, bf16=bf)
+            engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
+            by_precision[bf] = statistics.median(engine_img_per_s(one, ds) for _ in range(3))
     folder = data.ensure_extracted(Path(ds.extras["archive"]), ds.extras["root_name"])
     baseline = baseline_img_per_s(base, folder, device, steps, warmup, workers)
     # invariant Adam's micro-batches: a backward per micro-batch against one torch.func pass
@@ -310,9 +361,19 @@ def run_bench(
         "batch": base.batch,
         "steps": steps,
         "workers": workers,
+        "precision": precision(base, device),
         "engine_img_per_s": round(engine, 1),
         "baseline_img_per_s": round(baseline, 1),
         "speedup": round(engine / baseline, 2),
+        "bare_img_per_s": round(bare, 1),
+        "engine_over_bare": round(engine / bare, 3),
+        "ceiling_speedup": round(bare / baseline, 2),
+        "native_bf16": bf16_native,
+        "engine_fp32_img_per_s": round(by_precision[False], 1) if by_precision else None,
+        "engine_bf16_img_per_s": round(by_precision[True], 1) if by_precision else None,
+        "bf16_speedup": (
+            round(by_precision[True] / by_precision[False], 2) if by_precision else None
+        ),
         "micro_loop_img_per_s": round(micro_rates[False], 1),
         "micro_vmap_img_per_s": round(micro_rates[True], 1),
         "micro_vmap_speedup": round(micro_rates[True] / micro_rates[False], 2),

@@ -38,6 +38,21 @@ def test_bench_prints_one_json_object_with_ratios():
         assert result[key] > 0, key
     ratio = result["engine_img_per_s"] / result["baseline_img_per_s"]
     assert abs(result["speedup"] - ratio) < 0.01
+    # the model alone, without any data path: the ceiling of the speedup
+    assert result["bare_img_per_s"] > 0
+    over = result["engine_img_per_s"] / result["bare_img_per_s"]
+    assert result["engine_over_bare"] == pytest.approx(over, abs=0.001)
+    ceiling = result["bare_img_per_s"] / result["baseline_img_per_s"]
+    assert result["ceiling_speedup"] == pytest.approx(ceiling, abs=0.01)
+    assert result["precision"] == "float32"  # the ci profile, on any CPU
+    from lessons.train import cpu_has_native_bf16
+
+    assert result["native_bf16"] is cpu_has_native_bf16()
+    if result["native_bf16"]:
+        bf16 = result["engine_bf16_img_per_s"] / result["engine_fp32_img_per_s"]
+        assert result["bf16_speedup"] == pytest.approx(bf16, abs=0.01)
+    else:
+        assert result["engine_bf16_img_per_s"] is None and result["bf16_speedup"] is None
     micro = result["micro_vmap_img_per_s"] / result["micro_loop_img_per_s"]
     assert abs(result["micro_vmap_speedup"] - micro) < 0.01
     assert result["profile"] == "ci" and result["steps"] == 6 and result["workers"] == 1
