@@ -95,6 +95,25 @@ class FolderDataset(torch.utils.data.Dataset):
         return torch.from_numpy(x.transpose(2, 0, 1).copy()), self.labels[i]
 
 
+def _model_and_optimizer(config: TrainConfig, device: torch.device, classes: int = 10):
+    """The engine's model (channels_last, as train builds it) and optimizer, from the seed."""
+    torch.manual_seed(config.seed)
+    model = make_model(classes, config.width, config.depth, config.norm).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    return model, OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
+
+
+def _step(model, opt, x, y, bf16: bool) -> torch.Tensor:
+    """One training step as the engine takes it; the loss, on the device."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def baseline_img_per_s(
     config: TrainConfig, folder, device: torch.device, steps: int, warmup: int, workers: int
 ) -> float:
@@ -108,10 +127,7 @@ def baseline_img_per_s(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
     )
-    torch.manual_seed(config.seed)
-    model = make_model(10, config.width, config.depth, config.norm).to(device)
-    model = model.to(memory_format=torch.channels_last)  # as the engine, so only data differs
-    opt = OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
+    model, opt = _model_and_optimizer(config, device)  # as the engine, so only data differs
     cuda = device.type == "cuda"
     bf16 = use_bf16(config, device)
     done, t0 = 0, None
@@ -119,12 +135,7 @@ def baseline_img_per_s(
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = model(x)
-            loss = F.cross_entropy(out.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            loss = _step(model, opt, x, y, bf16)
             done += 1
             if done == warmup:
                 if cuda:
@@ -149,21 +160,13 @@ def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: in
     x = data.augment(data.normalize(ds.train_x[idx]), gen)
     x = x.contiguous(memory_format=torch.channels_last)
     y = ds.train_y[idx]
-    torch.manual_seed(config.seed)
-    model = make_model(len(ds.classes), config.width, config.depth, config.norm).to(device)
-    model = model.to(memory_format=torch.channels_last)
-    opt = OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
+    model, opt = _model_and_optimizer(config, device, len(ds.classes))
     for i in range(warmup + steps):
         if i == warmup:
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = _step(model, opt, x, y, bf16)
     loss.item()
     return steps * config.batch / (time.perf_counter() - t0)
 
