@@ -178,6 +178,7 @@ def test_runs_are_logged_and_replayed_faded_after_a_restart():
     path = live.log_path
     lines = path.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["settings"]["lr"] == pytest.approx(0.04)
+    assert json.loads(lines[0])["meta"]["precision"] == "float32"  # the ci profile's, anywhere
     with open(path, "a") as f:
         f.write('{"settings": {"lr": 0.1}, "label": "torn')  # a write cut off by a crash
     fresh = make_live()  # a new kernel, the same log
