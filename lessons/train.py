@@ -663,7 +663,8 @@ def train_many(
     each on a stream of its own so that their kernels overlap; the records of different runs
     interleave; on a CPU each run's thread computes with its share of the caller's OpenMP
     threads. Otherwise one run after the other. Each run's records are the ones ``train``
-    gives on its own (with as many threads). ``stop`` ends every run within a step; closing the generator too."""
+    gives on its own (with as many threads). ``stop`` ends every run within a step; closing
+    the generator too."""
     stop = stop or threading.Event()
     datasets = datasets or {}
     if not configs:
