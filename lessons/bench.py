@@ -58,8 +58,8 @@ from lessons.train import (
     OPTIMIZERS,
     TrainConfig,
     _param_groups,
-    cpu_has_native_bf16,
     free_openmp_threads,
+    native_bf16,
     precision,
     train,
     train_many,
@@ -305,7 +305,7 @@ def run_bench(
     engine = statistics.median(engine_img_per_s(timed, ds) for _ in range(3))
     bare = statistics.median(bare_img_per_s(timed, ds, steps) for _ in range(3))
     # float32 against bf16 autocast, where the device computes bf16 natively
-    bf16_native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    bf16_native = native_bf16(device)
     by_precision = {}
     if bf16_native:
         for bf in (False, True):

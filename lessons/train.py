@@ -206,7 +206,7 @@ OPTIMIZERS: dict[str, Callable] = {
 }
 
 
-# torch.cpu's ISA checks, by the names torch has given them since 2.4
+# torch.cpu's ISA checks, by the names different torch releases give them
 _NATIVE_BF16_CHECKS = (
     "_is_avx512_bf16_supported",
     "_is_amx_tile_supported",
@@ -230,6 +230,12 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 faster than float32: CUDA, or a CPU with bf16
+    instructions (cpu_has_native_bf16)."""
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+
+
 def use_bf16(c: TrainConfig, device: torch.device) -> bool:
     """Whether a run trains under bfloat16 autocast: ``c.bf16`` where set, else
     LESSONS_BF16=1|0, else on CUDA, and on a CPU with native bf16 where the run's profile
@@ -240,11 +246,9 @@ def use_bf16(c: TrainConfig, device: torch.device) -> bool:
     env = os.environ.get("LESSONS_BF16", "")
     if env:
         return env not in ("0", "false", "no")
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu" or not cpu_has_native_bf16():
+    if not native_bf16(device):
         return False
-    return bool(c.profile) and get_profile(c.profile).cpu_bf16
+    return device.type == "cuda" or (bool(c.profile) and get_profile(c.profile).cpu_bf16)
 
 
 def precision(c: TrainConfig, device: torch.device) -> str:
