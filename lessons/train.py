@@ -734,3 +734,18 @@ def train_many(
 def run(config: TrainConfig, **kwargs) -> list[Metrics]:
     """Train to the end and return every record (for scripts and tests)."""
     return list(train(config, **kwargs))
+
+
+def epoch_train_loss(records) -> list[float]:
+    """The mean training loss of each epoch of a run, per sample: each step's loss (already a
+    mean over its batch) weighted by its batch, so an epoch whose batch grows counts every
+    sample once. A step belongs to the epoch it ends in. This is the curve Smith et al. plot
+    against epochs; it averages a whole epoch of samples, where one validation pass after a
+    large-lr epoch swings with the BatchNorm running statistics."""
+    sums: dict[int, list[float]] = {}
+    for m in records:
+        if m.kind == "train":
+            s = sums.setdefault(int(m.epoch - 1e-9), [0.0, 0])
+            s[0] += m.loss * m.batch
+            s[1] += m.batch
+    return [total / n for _, (total, n) in sorted(sums.items())]

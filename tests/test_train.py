@@ -10,7 +10,7 @@ import torch
 
 from lessons import profiles
 from lessons.models import make_model
-from lessons.train import Metrics, TrainConfig, run, train
+from lessons.train import Metrics, TrainConfig, epoch_train_loss, run, train
 
 
 def ci(**kw) -> TrainConfig:
@@ -182,6 +182,33 @@ def test_onecycle_schedule_warms_up_then_decays(shapes_ci):
 def test_metrics_round_trip_through_dicts():
     m = Metrics(3, 192, 0.1, 2.3, 0.05, 64, extras={"a": 1})
     assert Metrics.from_dict({**m.to_dict(), "unknown": 1}) == m
+
+
+def test_epoch_train_loss_weights_each_step_by_its_batch():
+    recs = [  # 40 training samples an epoch
+        Metrics(1, 20, 0.5, 1.0, 0.1, 20),
+        Metrics(2, 40, 1.0, 3.0, 0.1, 20),  # ends exactly at epoch 1: still epoch 0
+        Metrics(2, 40, 1.0, None, 0.1, 20, val_loss=9.0, val_acc=0.1, kind="eval"),
+        Metrics(3, 50, 1.25, 4.0, 0.1, 10),
+        Metrics(4, 80, 2.0, 0.0, 0.1, 30),  # a grown batch: 30 samples at loss 0
+    ]
+    # per sample: (4*10 + 0*30) / 40 = 1.0, where a mean of steps would give 2.0
+    assert epoch_train_loss(recs) == [2.0, 1.0]
+
+
+def test_epoch_train_loss_of_a_growing_batch_run_counts_every_sample_once(shapes_ci):
+    c = ci(epochs=2, batch=50, batch_at=lambda e: 50 if e == 0 else 200)
+    records = run(c, dataset=shapes_ci)
+    curve = epoch_train_loss(records)
+    assert len(curve) == 2
+    per_epoch = [
+        [r for r in records if r.kind == "train" and int(r.epoch - 1e-9) == e] for e in (0, 1)
+    ]
+    assert {r.batch for r in per_epoch[1]} == {200}
+    for e, rs in enumerate(per_epoch):
+        assert sum(r.batch for r in rs) == shapes_ci.n_train  # each sample once
+        # one batch size within an epoch: per sample is the plain mean of its steps
+        assert curve[e] == pytest.approx(sum(r.loss for r in rs) / len(rs), rel=1e-9)
 
 
 @pytest.mark.parametrize("norm", ["batch", "layer", "none"])

@@ -9,20 +9,11 @@ import ipywidgets as W
 
 from lessons import scaling as S
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig
+from lessons.train import TrainConfig, epoch_train_loss
 from widgets.live import STYLE, LiveRun, Series, Trace, log_slider
 
 SIZES = (16, 32, 64, 128, 256, 512)
 ADAM, INVARIANT = "Adam, sqrt rule", "invariant Adam, linear rule"
-
-
-def per_epoch_train_loss(run) -> list[float]:
-    """The mean training loss of each epoch of a run."""
-    out: dict[int, list[float]] = {}
-    for m in run.records:
-        if m.kind == "train":
-            out.setdefault(int(m.epoch - 1e-9), []).append(m.loss)
-    return [sum(v) / len(v) for _, v in sorted(out.items())]
 
 
 def spreads(live: LiveRun) -> dict[str, float]:
@@ -32,7 +23,7 @@ def spreads(live: LiveRun) -> dict[str, float]:
     for family in (ADAM, INVARIANT):
         runs = [r for r in live.last_group.values() if r.name.startswith(family)]
         if len(runs) >= 2 and all(r.status == "done" for r in runs):
-            curves = [per_epoch_train_loss(r) for r in runs]
+            curves = [epoch_train_loss(r.records) for r in runs]
             width = min(map(len, curves))
             out[family] = S.sweep_spread([c[:width] for c in curves])
     return out
