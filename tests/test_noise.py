@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lessons import noise as N
-from lessons.train import TrainConfig, run
+from lessons.train import TrainConfig, epoch_train_loss, run
 
 
 def test_noise_scale_formula():
@@ -115,6 +115,10 @@ def test_schedules_widget_trains_three_runs_with_panels():
     counts = NS.update_counts(live)
     assert counts["grow batch"] < counts["hybrid"] < counts["decay lr"]
     assert "updates" in live.summary_html.value
+    for name, r in runs.items():  # the witness lesson 4's self-check compares
+        last = epoch_train_loss(r.records)[-1]
+        row = f"{name}: {counts[name]:,} updates, last epoch's train loss {last:.3f}"
+        assert row in live.summary_html.value, live.summary_html.value
     panel = {t["uid"]: t for t in live.panel_figure.traces()}
     assert set(panel) == {"noise:decay lr", "noise:grow batch", "noise:hybrid"}
     assert live.figure.fig.layout.xaxis.title.text == "epochs"  # the first x option

@@ -8,7 +8,7 @@ import ipywidgets as W
 
 from lessons import noise as N
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig
+from lessons.train import TrainConfig, epoch_train_loss
 from widgets.live import STYLE, LiveRun, Trace, log_slider
 
 
@@ -44,8 +44,10 @@ def summary(live: LiveRun) -> str:
         ev = r.last("eval")
         if ev is None:
             continue
+        curve = epoch_train_loss(r.records)
         rows.append(
             f"<li>{html.escape(r.name)}: {counts[r.name]:,} updates, "
+            f"last epoch's train loss {curve[-1]:.3f}, "
             f"final val loss {ev.val_loss:.3f}, val accuracy {ev.val_acc:.1%}</li>"
         )
     notice = next(
