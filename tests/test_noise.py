@@ -130,6 +130,24 @@ def test_schedules_widget_trains_three_runs_with_panels():
     assert cfg["decay lr"].lr_at(4) == pytest.approx(0.05 / 9)
 
 
+@pytest.mark.usefixtures("private_run_log")
+def test_schedules_widget_adds_a_reference_run_whose_noise_never_drops():
+    from widgets import noise_scale as NS
+
+    live = NS.schedules_live(renderer="plotly")
+    assert live.controls[NS.REFERENCE].value is False  # off: three runs, as the lesson times
+    runs = live.run_blocking(reference=True, timeout=300)
+    assert list(runs) == ["decay lr", "grow batch", "hybrid", NS.REFERENCE_NAME]
+    ref = [m for m in runs[NS.REFERENCE_NAME].records if m.kind == "train"]
+    assert {m.lr for m in ref} == {0.05} and {m.batch for m in ref} == {32}
+    assert len({round(m.extras["noise"], 9) for m in ref}) == 1
+    decay = [m.extras["noise"] for m in runs["decay lr"].records if m.kind == "train"]
+    assert decay[-1] == pytest.approx(ref[-1].extras["noise"] / 4)  # k = 2, two milestones
+    panel = {t["uid"] for t in live.panel_figure.traces()}
+    assert f"noise:{NS.REFERENCE_NAME}" in panel and len(panel) == 4
+    assert f"{NS.REFERENCE_NAME}: " in live.summary_html.value
+
+
 def _softmax_regression(seed=0, n=8192, d=6, k=3):
     """A linear softmax model and a data pool whose per-sample gradients a test can compute
     in closed form: (softmax(Wx) - onehot(y)) x^T."""

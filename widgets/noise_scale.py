@@ -11,6 +11,9 @@ from lessons.profiles import get_profile
 from lessons.train import TrainConfig, epoch_train_loss
 from widgets.live import STYLE, LiveRun, Trace, log_slider
 
+REFERENCE = "reference"  # the control's key
+REFERENCE_NAME = "no decay"  # its run: base lr and base batch throughout, the noise never drops
+
 
 def noise_panel(live: LiveRun) -> tuple[list[Trace], str]:
     """The Smith-Le noise scale of each run of the newest request, against epochs."""
@@ -64,7 +67,8 @@ def summary(live: LiveRun) -> str:
 
 
 def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
-    """The three schedules of Smith et al. trained side by side."""
+    """The three schedules of Smith et al. trained side by side; with the "reference" box
+    ticked, also a run that keeps the base lr and batch, so the noise never drops."""
     p = get_profile(profile)
     n_train = p.n_train  # Imagenette's count, or the generated set's
     epochs = max(p.epochs, 6)
@@ -89,11 +93,15 @@ def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
             continuous_update=False,
             style=STYLE,
         ),
+        # a control: what lowering the noise buys. Off by default (a fourth run's time)
+        REFERENCE: W.Checkbox(value=False, description="also: no decay, no growth"),
     }
 
     def make_config(v: dict) -> dict[str, TrainConfig]:
         ms = sorted(set(v["milestones"]))
         plans = N.schedules(float(v["lr"]), int(v["batch"]), n_train, int(v["k"]), ms)
+        if v.get(REFERENCE):
+            plans[REFERENCE_NAME] = dict(lr=float(v["lr"]), batch=int(v["batch"]))
         return {
             name: TrainConfig.from_profile(
                 p.name, epochs=epochs, momentum=float(v["momentum"]), **o
