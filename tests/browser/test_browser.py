@@ -225,3 +225,26 @@ def test_matplotlib_renderer_in_the_browser(page, lab_matplotlib):
     assert images.count() > 0
     sizes = [img.evaluate("el => [el.naturalWidth, el.naturalHeight]") for img in images.all()]
     assert all(w > 300 and h > 200 for w, h in sizes), sizes
+
+
+def test_lesson_4s_reference_box_adds_a_run_whose_curve_is_drawn(page, lab):
+    open_notebook(page, lab, "04_noise_scale.ipynb")
+    s = run_until(page, "schedules_live()")
+    assert not s["errors"], s["errors"]
+    widget = live_widget(page, "factor k")
+    widget.scroll_into_view_if_needed()
+    box = widget.locator(".widget-checkbox", has_text="also: no decay, no growth")
+    box.locator("input[type=checkbox]").check()
+    t0 = time.time()
+    # the three schedules, then the reference, one after the other on a CPU
+    while not any("no decay" in k and n > 0 for k, n in curves(widget).items()):
+        assert time.time() - t0 < 180, f"no reference curve: {status(widget)!r} {curves(widget)}"
+        time.sleep(0.1)
+    named = curves(widget)
+    for schedule in ("decay lr", "grow batch", "hybrid", "no decay"):
+        assert any(k.startswith(schedule) and n > 0 for k, n in named.items()), named
+    widget.locator("button", has_text="Stop").click()
+    t0 = time.time()
+    while not status(widget).startswith(("Stopped", "Done")):
+        assert time.time() - t0 < 30, f"the run did not stop: {status(widget)!r}"
+        time.sleep(0.05)
