@@ -53,6 +53,12 @@ class Metrics:
     kind: str = "train"
     extras: dict = field(default_factory=dict)
 
+    @property
+    def epoch_index(self) -> int:
+        """The epoch this record belongs to, from 0: a step that ends exactly at epoch 1.0
+        is the last of epoch 0."""
+        return int(self.epoch - 1e-9)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -739,13 +745,13 @@ def run(config: TrainConfig, **kwargs) -> list[Metrics]:
 def epoch_train_loss(records) -> list[float]:
     """The mean training loss of each epoch of a run, per sample: each step's loss (already a
     mean over its batch) weighted by its batch, so an epoch whose batch grows counts every
-    sample once. A step belongs to the epoch it ends in. This is the curve Smith et al. plot
-    against epochs; it averages a whole epoch of samples, where one validation pass after a
-    large-lr epoch swings with the BatchNorm running statistics."""
+    sample once. A step belongs to the epoch it ends in (Metrics.epoch_index). This is the
+    curve Smith et al. plot against epochs; it averages a whole epoch of samples, where one
+    validation pass after a large-lr epoch swings with the BatchNorm running statistics."""
     sums: dict[int, list[float]] = {}
     for m in records:
         if m.kind == "train":
-            s = sums.setdefault(int(m.epoch - 1e-9), [0.0, 0])
+            s = sums.setdefault(m.epoch_index, [0.0, 0])
             s[0] += m.loss * m.batch
             s[1] += m.batch
     return [total / n for _, (total, n) in sorted(sums.items())]
