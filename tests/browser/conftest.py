@@ -169,6 +169,14 @@ def page(browser):
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
     page.set_default_timeout(60_000)
+    # the browser's own errors, for the failure report: a widget that failed in JavaScript
+    # shows nothing in the notebook, and the console is where it says why
+    page.console_errors = []
+    page.on(
+        "console",
+        lambda m: m.type == "error" and page.console_errors.append(m.text[:500]),
+    )
+    page.on("pageerror", lambda e: page.console_errors.append(f"uncaught: {e}"[:500]))
     yield page
     try:  # each test's kernel goes: the next notebook gets the machine to itself
         page.evaluate("() => window.jupyterapp.serviceManager.sessions.shutdownAll()")
@@ -185,6 +193,8 @@ def pytest_runtest_makereport(item, call):
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         name = "".join(c if c.isalnum() or c in "-_." else "_" for c in item.nodeid)
         path = ARTIFACTS / f"{name}.png"
+        errors = getattr(item.funcargs["page"], "console_errors", [])
+        report.sections.append(("browser console errors", "\n".join(errors[-30:]) or "none"))
         try:
             item.funcargs["page"].screenshot(path=str(path), full_page=True)
             report.sections.append(("screenshot", str(path)))
