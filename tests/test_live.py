@@ -543,3 +543,55 @@ def test_live_run_frees_openmp_threads_before_its_worker_trains(monkeypatch):
     )
     runner.run_blocking(timeout=120)
     assert calls == [1]
+
+
+def test_core_share_note_says_when_other_programs_took_the_threads_cores():
+    note = live_mod.core_share_note(1.0, cores=2, threads=2)
+    assert "1.0 of the 2 CPU cores" in note and "OMP_NUM_THREADS=1 make lab" in note
+    assert "OMP_NUM_THREADS=6" in live_mod.core_share_note(2.0, cores=8, threads=8)
+    assert live_mod.core_share_note(1.0, cores=8, threads=8) != ""  # 9 > 8.25
+    # one thread has no team to wait for; a little load, or enough free cores, is fine
+    for others, cores, threads in [(1.0, 2, 1), (0.3, 2, 2), (1.0, 8, 4), (None, 2, 2)]:
+        assert live_mod.core_share_note(others, cores, threads) == ""
+
+
+def test_core_share_counts_other_programs_and_not_this_one():
+    share = live_mod.CoreShare()
+    assert share.cores >= 1
+    assert share.others() is None  # under a second: too short to tell
+    # the formula on known counters: 3 s of busy cores, 1 s of it ours, over 2 s of wall time
+    t0 = time.perf_counter() - 2.0
+    share._start = (t0, 10.0, 1.0)
+    share._busy, share._own = (lambda: 13.0), (lambda: 2.0)
+    assert share.others(min_wall=0) == pytest.approx(1.0, rel=0.01)
+    # and on the machine's own counters: a busy process beside a sleeping test
+    hog = subprocess.Popen([sys.executable, "-c", "while True: sum(i * i for i in range(999))"])
+    try:
+        time.sleep(0.3)  # the interpreter has started
+        share = live_mod.CoreShare()
+        time.sleep(1.5)
+        assert share.others() >= 0.6
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+def test_a_run_that_shared_its_cores_says_so_in_the_status(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(live_mod.CoreShare, "others", lambda self, min_wall=1.0: 1.0)
+    monkeypatch.setattr(live_mod.CoreShare, "cores", 2, raising=False)
+    monkeypatch.setattr(live_mod.CoreShare, "__init__", lambda self: None)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        live = make_live(epochs=0.2)
+        run = live.run_blocking(lr=0.05, batch=64)
+        assert run.status == "done"
+        assert "Done" in live.status.value and "OMP_NUM_THREADS=1" in live.status.value
+        assert "#9a6700" in live.status.value  # the warning colour
+        torch.set_num_threads(1)  # a single thread: nothing to say
+        live.run_blocking(lr=0.04, batch=64)
+        assert "Done" in live.status.value and "OMP_NUM_THREADS" not in live.status.value
+    finally:
+        torch.set_num_threads(before)

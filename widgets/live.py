@@ -636,6 +636,67 @@ def describe_error(e: BaseException) -> str:
     return f"The run failed ({type(e).__name__}: {e}). Change a setting and run again."
 
 
+class CoreShare:
+    """How many of the CPU cores this process may use other programs kept busy from the
+    moment it is made: psutil's per-core busy time on those cores, less this process's own
+    CPU time, over the wall time. A team of torch threads waits at every operation for its
+    slowest member, so when another program takes one of their cores a step can take many
+    times longer: on 2 cores one busy process made the ci model's engine 10 - 13x slower
+    with 2 threads, against none with 1 (BENCHMARKS.md)."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        proc = psutil.Process()
+        try:
+            allowed = sorted(proc.cpu_affinity())  # Linux, Windows
+        except (AttributeError, psutil.Error, OSError):
+            allowed = list(range(psutil.cpu_count() or 1))
+        self.cores = len(allowed)
+        self._allowed = allowed
+        self._proc = proc
+        self._start = (time.perf_counter(), self._busy(), self._own())
+
+    def _busy(self) -> float:
+        times = self._psutil.cpu_times(percpu=True)
+        total = 0.0
+        for i in self._allowed:
+            if i < len(times):
+                t = times[i]._asdict()
+                # guest time is already counted in user time (Linux)
+                idle = sum(t.get(k, 0.0) for k in ("idle", "iowait", "guest", "guest_nice"))
+                total += sum(t.values()) - idle
+        return total
+
+    def _own(self) -> float:
+        t = self._proc.cpu_times()
+        return t.user + t.system
+
+    def others(self, min_wall: float = 1.0) -> float | None:
+        """Cores' worth of CPU time other programs used since this object was made; None
+        before ``min_wall`` seconds (the system's counters tick at 10 ms)."""
+        t0, busy0, own0 = self._start
+        wall = time.perf_counter() - t0
+        if wall < min_wall:
+            return None
+        return max(0.0, ((self._busy() - busy0) - (self._own() - own0)) / wall)
+
+
+def core_share_note(others: float | None, cores: int, threads: int) -> str:
+    """What to tell the user when other programs held cores that the run's torch threads
+    needed: a team of two or more threads, more threads than the cores others left free."""
+    if others is None or threads < 2 or others < 0.5 or threads + others <= cores + 0.25:
+        return ""
+    free = max(1, int(cores - others + 0.25))
+    return (
+        f" Other programs kept {others:.1f} of the {cores} CPU cores busy during this run, "
+        f"and torch's {threads} threads wait for each other when one loses its core: that "
+        f"can make training several times slower. Close them, or start Jupyter with "
+        f"OMP_NUM_THREADS={free} (e.g. OMP_NUM_THREADS={free} make lab)."
+    )
+
+
 class LiveRun:
     """Controls + Run/Stop/Clear + status + progress + a live figure over lessons.train.
 
@@ -717,6 +778,7 @@ class LiveRun:
         self.threads_started = 0
         self._next_id = 0
         self._group = 0
+        self._core_share: CoreShare | None = None  # a CPU request's other programs' share
         self.last_group: dict[str, RunRecord] = {}  # the runs of the last request, by name
         self._cond = threading.Condition()
         self._pending: dict | None = None
@@ -1065,6 +1127,12 @@ class LiveRun:
             self._set_status(describe_error(e), "error")
             return
         self._group += 1
+        self._core_share = None
+        if next(iter(data.values())).device.type == "cpu":
+            try:
+                self._core_share = CoreShare()
+            except Exception:  # advice only (psutil absent, counters unreadable)
+                pass
         t0 = time.perf_counter()
         self._request_t0 = None  # redraw_interval starts the clock at the first record
         together = len(configs) > 1 and concurrent_by_default(next(iter(data.values())).device)
@@ -1087,13 +1155,28 @@ class LiveRun:
         if group and all(r.status == "done" for r in group) and len(configs) == len(group):
             notice = group[0].meta.get("notice")
             parts = [f"{r.name}: {r.result()}" if r.name else r.result() for r in group]
+            cores = self._core_note()
             self._set_status(
                 f"Done {self.label(values)} in {time.perf_counter() - t0:.1f} s: "
                 + "; ".join(parts)
                 + "."
-                + (f" NOTICE: {notice}" if notice else ""),
-                "warn" if notice else "ok",
+                + (f" NOTICE: {notice}" if notice else "")
+                + cores,
+                "warn" if notice or cores else "ok",
             )
+
+    def _core_note(self) -> str:
+        """core_share_note for the request so far (CPU runs only)."""
+        share = self._core_share
+        if share is None:
+            return ""
+        import torch
+
+        try:
+            others = share.others()
+        except Exception:  # the counters are advice: never let them fail a finished run
+            return ""
+        return core_share_note(others, share.cores, torch.get_num_threads())
 
     def _train_one(self, values, name, config, ds, stop, of: str) -> RunRecord | None:
         """Train one config into a new RunRecord of the current group; say how it ended."""
@@ -1211,8 +1294,10 @@ class LiveRun:
         notice = f" NOTICE: {run.meta['notice']}" if run.meta.get("notice") else ""
         if say and run.status == "done":
             acc = f": {run.result()}" if run.last("eval") else ""
+            cores = self._core_note()
             self._set_status(
-                f"Done {run.label} in {secs:.1f} s{acc}.{notice}", "warn" if notice else "ok"
+                f"Done {run.label} in {secs:.1f} s{acc}.{notice}{cores}",
+                "warn" if notice or cores else "ok",
             )
         elif say and run.status == "diverged":
             text = _diverged_text(run)
