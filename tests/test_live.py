@@ -550,8 +550,10 @@ def test_core_share_note_says_when_other_programs_took_the_threads_cores():
     assert "1.0 of the 2 CPU cores" in note and "OMP_NUM_THREADS=1 make lab" in note
     assert "OMP_NUM_THREADS=6" in live_mod.core_share_note(2.0, cores=8, threads=8)
     assert live_mod.core_share_note(1.0, cores=8, threads=8) != ""  # 9 > 8.25
-    # one thread has no team to wait for; a little load, or enough free cores, is fine
-    for others, cores, threads in [(1.0, 2, 1), (0.3, 2, 2), (1.0, 8, 4), (None, 2, 2)]:
+    # one thread has no team to wait for; some load (the browser's redraws), or enough free
+    # cores, is fine
+    cases = [(1.0, 2, 1), (0.3, 2, 2), (0.6, 2, 2), (1.0, 8, 4), (None, 2, 2)]
+    for others, cores, threads in cases:
         assert live_mod.core_share_note(others, cores, threads) == ""
 
 
