@@ -201,9 +201,7 @@ def test_epoch_train_loss_of_a_growing_batch_run_counts_every_sample_once(shapes
     records = run(c, dataset=shapes_ci)
     curve = epoch_train_loss(records)
     assert len(curve) == 2
-    per_epoch = [
-        [r for r in records if r.kind == "train" and int(r.epoch - 1e-9) == e] for e in (0, 1)
-    ]
+    per_epoch = [[r for r in records if r.kind == "train" and r.epoch_index == e] for e in (0, 1)]
     assert {r.batch for r in per_epoch[1]} == {200}
     for e, rs in enumerate(per_epoch):
         assert sum(r.batch for r in rs) == shapes_ci.n_train  # each sample once

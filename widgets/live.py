@@ -1131,15 +1131,16 @@ class LiveRun:
             self._set_status(describe_error(e), "error")
             return
         self._group += 1
+        on = next(iter(data.values())).device  # the device the data loaded on
         self._core_share = None
-        if next(iter(data.values())).device.type == "cpu":
+        if on.type == "cpu":
             try:
                 self._core_share = CoreShare()
             except Exception:  # advice only (psutil absent, counters unreadable)
                 pass
         t0 = time.perf_counter()
         self._request_t0 = None  # redraw_interval starts the clock at the first record
-        together = len(configs) > 1 and concurrent_by_default(next(iter(data.values())).device)
+        together = len(configs) > 1 and concurrent_by_default(on)
         if together:
             self._train_together(values, configs, data, stop)
         for i, (name, config) in enumerate({} if together else configs.items()):
