@@ -597,3 +597,45 @@ def test_a_run_that_shared_its_cores_says_so_in_the_status(monkeypatch):
         assert "Done" in live.status.value and "OMP_NUM_THREADS" not in live.status.value
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_figure_whose_view_applied_no_update_is_rebuilt_with_its_curves():
+    # what anywidget does to a model whose 5 MB ES module loads in over 2 s: it drops every
+    # message, the view keeps the empty figure it was made with, and the kernel hears of
+    # neither a view nor an applied edit (PlotlyFigure.deaf)
+    live = make_live(epochs=0.3)
+    run = live.run_blocking(lr=0.05, batch=64)
+    old = live.figure
+    assert old.widget in live.widget.children
+    shown = [(t.meta, len(t.x)) for t in old.fig.data]
+    assert shown and all(n > 0 for _, n in shown)
+    old.fig._view_count = 0  # tracked, as in a kernel, and no view counted ...
+    old.fig._trace_edit_in_process = True  # ... nor any edit acknowledged
+    live._shown = True
+    assert live._heal_deaf_figures() == 0  # the last draw is too recent to tell
+    old.last_draw -= 10
+    for acked, views in [(False, 0), (True, 1), (True, None)]:  # applied, viewed, untracked
+        old.fig._trace_edit_in_process, old.fig._view_count = acked, views
+        assert not old.deaf() and live._heal_deaf_figures() == 0 and live.figure is old
+    old.fig._trace_edit_in_process, old.fig._view_count = True, 0
+    live._shown = False  # never displayed: no browser to heal
+    assert old.deaf() and live._heal_deaf_figures() == 0 and live.figure is old
+    live._shown = True
+    assert live._heal_deaf_figures() == 1 and live.rebuilds == 1
+    new = live.figure
+    assert new is not old and new.widget in live.widget.children
+    assert old.widget not in live.widget.children
+    # the new widget's first state carries every curve, and its views are counted
+    assert [(t.meta, len(t.x)) for t in new.fig.data] == shown
+    assert [(t["meta"], len(t["x"])) for t in new.fig._widget_data] == shown  # not messages
+    assert new.fig._view_count == 0 and new.last_draw == old.last_draw
+    # and the widget goes on drawing into it: a second run adds its curves, none twice
+    second = live.run_blocking(lr=0.03, batch=64)
+    metas = [t.meta for t in new.fig.data]
+    assert len(metas) == len(set(metas)) and any(m.startswith(f"{second.id}:") for m in metas)
+    assert any(m.startswith(f"{run.id}:") for m in metas)
+    # a front end that never shows plotly is not rebuilt for ever
+    live.rebuilds = live.MAX_REBUILDS
+    new.last_draw -= 10
+    new.fig._trace_edit_in_process = True
+    assert new.deaf() and live._heal_deaf_figures() == 0

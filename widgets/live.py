@@ -15,6 +15,7 @@ LESSONS_PLOT=plotly|matplotlib picks one; otherwise matplotlib on Colab, plotly 
 
 from __future__ import annotations
 
+import copy
 import csv
 import html
 import io
@@ -302,6 +303,7 @@ class PlotlyFigure:
         self.widget = self.fig
         self._sent: dict[str, tuple] = {}
         self._marks: tuple = ()
+        self.last_draw = 0.0  # perf_counter of the last draw(): see deaf()
         self.scale = 1.0  # presenter mode: larger fonts (lines are scaled by LiveRun)
 
     def set_scale(self, scale: float) -> None:
@@ -311,7 +313,31 @@ class PlotlyFigure:
             self.fig.layout.title.font.size = round(16 * scale)
         self._marks = ()  # mark labels are redrawn at the new size
 
+    def deaf(self, quiet: float = 4.5) -> bool:
+        """Whether the browser has neither counted a view of this figure nor applied any of
+        its updates ``quiet`` seconds after the last draw (ask only of a displayed figure).
+        anywidget gives a model 2 s to load its ES module (plotly's is 5 MB, sent inline) and
+        drops every message to that model once a slower load ends: the view keeps the figure
+        as it was made, empty, and neither its view count nor plotly's acknowledgement of an
+        edit reaches the kernel (reproduced by slowing Chromium 40x for 8 s of a run-all)."""
+        fig = self.fig
+        return (
+            getattr(fig, "_view_count", None) == 0
+            and fig._trace_edit_in_process
+            and time.perf_counter() - self.last_draw >= quiet
+        )
+
+    def rebuilt(self) -> PlotlyFigure:
+        """The same figure as a new widget, whose first state (not a message) carries every
+        trace: what a deaf view is replaced with."""
+        new = copy.copy(self)
+        new.fig = new.widget = self._go.FigureWidget(self.fig)
+        new.fig._view_count = 0  # count the new widget's views, as LiveRun does (deaf())
+        new._sent = dict(self._sent)
+        return new
+
     def draw(self, traces: Sequence[Trace], title: str = "", marks: Sequence[Mark] = ()) -> None:
+        self.last_draw = time.perf_counter()
         fig = self.fig
         # a trace whose kind changed (bars <-> line) is replaced, not updated
         wanted = {t.uid for t in traces}
@@ -717,6 +743,8 @@ class LiveRun:
         parameter updates (True), or between the given (label, Metrics field) options.
     """
 
+    MAX_REBUILDS = 3  # deaf figures replaced per widget (_heal_deaf_figures)
+
     def __init__(
         self,
         controls: dict[str, W.ValueWidget],
@@ -775,6 +803,8 @@ class LiveRun:
         self.log_path = run_log_path(name)
         self.runs: list[RunRecord] = load_runs(self.log_path, max_history) if replay else []
         self.redraws = 0  # figure updates sent: each is one batched message
+        self.rebuilds = 0  # deaf plotly figures replaced (_heal_deaf_figures)
+        self._shown = False  # displayed in a notebook (_ipython_display_)
         self.throttle = True  # False: redraw for every record (widgets.bench's baseline)
         self.redraw_age_share = 1 / 20  # the redraw interval grows by this share of the age
         self._request_t0: float | None = None  # when the current request's first record came
@@ -861,6 +891,7 @@ class LiveRun:
     def _ipython_display_(self):
         from IPython.display import display
 
+        self._shown = True
         display(self.widget)
 
     def values(self) -> dict:
@@ -1156,6 +1187,10 @@ class LiveRun:
             )
             if run is None or run.status in ("error", "stopped"):
                 break
+        if self._track_views:  # the browser acknowledges edits within milliseconds
+            timer = threading.Timer(5.0, self._heal_deaf_figures)
+            timer.daemon = True
+            timer.start()
         group = list(self.last_group.values())
         if group and all(r.status == "done" for r in group) and len(configs) == len(group):
             notice = group[0].meta.get("notice")
@@ -1169,6 +1204,30 @@ class LiveRun:
                 + cores,
                 "warn" if notice or cores else "ok",
             )
+
+    def _heal_deaf_figures(self) -> int:
+        """Replace each plotly figure of a displayed widget whose view applied none of its
+        updates (PlotlyFigure.deaf) with a rebuilt one, so the curves drawn so far appear;
+        how many. A figure rebuilt while the browser was only slow (a run-all keeps the
+        kernel from reading the view's messages) costs one redraw of the same curves; a front
+        end that never shows plotly gets at most MAX_REBUILDS (then _check_front_end's
+        matplotlib takes over at the first slider move)."""
+        rebuilt = 0
+        if not self._shown or self.rebuilds >= self.MAX_REBUILDS:
+            return 0
+        with self._draw_lock:
+            for attr in ("figure", "panel_figure"):
+                old = getattr(self, attr)
+                if not isinstance(old, PlotlyFigure) or not old.deaf():
+                    continue
+                new = old.rebuilt()
+                self.widget.children = [
+                    new.widget if c is old.widget else c for c in self.widget.children
+                ]
+                setattr(self, attr, new)
+                rebuilt += 1
+        self.rebuilds += rebuilt
+        return rebuilt
 
     def _core_note(self) -> str:
         """core_share_note for the request so far (CPU runs only)."""
