@@ -9,7 +9,7 @@ TEST_STAMP := $(VENV)/.installed-test
 PROFILE ?=
 # make test runs the tests in TEST_WORKERS processes (pytest-xdist; --dist loadscope keeps each
 # notebook's cells, and each test file's tests, in one process, in order) and shares the cores'
-# OpenMP threads out between them. The ci model's step is only 1.5x faster on two threads than
+# OpenMP threads out between them. The ci model's step is only 1.3x faster on two threads than
 # on one, while much of the suite (imports, kernels, JupyterLab, the browser) is single-threaded:
 # on 2 cores the suite took 9m23s this way against 12-13 minutes in one process. TEST_WORKERS=0
 # runs it in one process; a user's own OMP_NUM_THREADS is kept.

@@ -98,7 +98,8 @@ class FolderDataset(torch.utils.data.Dataset):
 def _model_and_optimizer(config: TrainConfig, device: torch.device, classes: int = 10):
     """The engine's model (channels_last, as train builds it) and optimizer, from the seed."""
     torch.manual_seed(config.seed)
-    model = make_model(classes, config.width, config.depth, config.norm).to(device)
+    c = config
+    model = make_model(classes, c.width, c.depth, c.norm, c.stem_stride).to(device)
     model = model.to(memory_format=torch.channels_last)
     return model, OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
 

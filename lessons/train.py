@@ -92,6 +92,7 @@ class TrainConfig:
     width: int = 16
     depth: int = 1
     norm: str = "batch"
+    stem_stride: int = 1  # 2: the stem downsamples (the ci profile)
     augment: bool = True
     label_smoothing: float = 0.0
     max_steps: int | None = None
@@ -129,6 +130,7 @@ class TrainConfig:
             lr=p.lr,
             width=p.width,
             depth=p.depth,
+            stem_stride=p.stem_stride,
             n_train=p.n_train,
             n_val=p.n_val,
         )
@@ -322,7 +324,7 @@ def train(
 
     with _INIT_LOCK:  # the global RNG: runs started side by side must not interleave here
         torch.manual_seed(c.seed)
-        model = make_model(len(ds.classes), c.width, c.depth, c.norm).to(device)
+        model = make_model(len(ds.classes), c.width, c.depth, c.norm, c.stem_stride).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = _param_groups(model, c.weight_decay)

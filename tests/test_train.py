@@ -216,6 +216,24 @@ def test_models_take_any_size(norm):
         assert model(torch.randn(2, 3, size, size)).shape == (2, 10)
 
 
+def test_a_strided_stem_halves_the_first_resolution_and_only_the_ci_profile_has_one(shapes_ci):
+    x = torch.randn(2, 3, 32, 32)
+    for stride, side in ((1, 32), (2, 16)):
+        model = make_model(10, 8, 1, "batch", stem_stride=stride)
+        assert model.features[0](x).shape[-2:] == (side, side)
+        assert model(x).shape == (2, 10)
+    with pytest.raises(ValueError, match="stem_stride"):
+        make_model(10, 8, 1, stem_stride=3)
+    # the lessons' own profiles keep a full-resolution stem; the ci profile's run gets the
+    # strided one (the model train() builds, seen from its epoch hook)
+    assert profiles.get_profile("gpu").stem_stride == profiles.get_profile("cpu").stem_stride == 1
+    seen = []
+    c = ci(epochs=1, max_steps=2, on_epoch=lambda m, ds, e: seen.append(m) or {})
+    assert c.stem_stride == 2
+    run(c, dataset=shapes_ci)
+    assert seen and seen[0].features[0][0].stride == (2, 2)
+
+
 def test_profiles_chosen_by_env_and_unknown_rejected(monkeypatch):
     monkeypatch.setenv("LESSONS_PROFILE", "cpu")
     assert profiles.get_profile().name == "cpu"
@@ -421,7 +439,8 @@ def _fresh_python(code: str, **env) -> str:
 
 @pytest.mark.skipif(not _glibc(), reason="mallopt's thresholds are glibc's")
 def test_keep_freed_memory_ends_the_page_faults_of_every_cpu_step():
-    # the same steps of the ci-profile model, with glibc's defaults, then after the call
+    # the same steps of a 32 px model whose stem runs at full resolution (the cpu profile's,
+    # without its residual blocks), with glibc's defaults, then after the call
     code = (
         "import torch, torch.nn.functional as F\n"
         "from lessons.models import make_model\n"

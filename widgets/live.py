@@ -714,8 +714,8 @@ def core_share_note(others: float | None, cores: int, threads: int) -> str:
     needed: a team of two or more threads, more threads than the cores others left free, and
     most of a core taken. Below that it stays quiet: in JupyterLab on 2 cores the browser's
     own redraws took 0.3 - 0.6 of a core in most lessons' runs, where one thread instead of two
-    was at most 15% faster (or slower), and 0.8 - 1.0 in lessons 1 and 3 on the ci profile,
-    where one thread was 1.9 - 2.4x faster (BENCHMARKS.md)."""
+    was at most 15% faster (or slower), and 0.8 - 1.0 in lessons 1 and 3 on the ci profile
+    (before its strided stem), where one thread was 1.9 - 2.4x faster (BENCHMARKS.md)."""
     if others is None or threads < 2 or others < 0.75 or threads + others <= cores + 0.25:
         return ""
     free = max(1, int(cores - others + 0.25))
