@@ -108,7 +108,9 @@ def test_widget_bench_counts_front_end_messages_and_throttling_cuts_them(tmp_pat
     grown, fixed = long["growing"], long["fixed_min_interval"]
     assert long["epochs_times"] > 1  # a ci run takes about a second
     assert grown["points"] == fixed["points"] > throttled["points"]
-    # about 1.7x fewer on an idle machine (BENCHMARKS.md); on a loaded one (make test runs two
-    # processes) both intervals are floored at four times the slower draws, and the gap narrows
-    assert fixed["redraws"] > grown["redraws"] > 0
+    # about 1.7x fewer redraws growing on an idle machine (BENCHMARKS.md); on a loaded one
+    # (make test runs two processes) both intervals are floored at four times the draw's cost,
+    # so the counts differ by chance (29 against 31 and 33, twice in CI-like runs): that the
+    # interval grows with the run's age is test_live's test_redraws_thin_out_as_a_run_ages
+    assert fixed["redraws"] > 0 and grown["redraws"] > 0
     assert long["message_ratio"] == round(fixed["messages"] / grown["messages"], 2)

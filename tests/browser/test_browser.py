@@ -196,13 +196,18 @@ def test_notebook_runs_all_cells_without_an_error(page, lab, name):
 
 
 @pytest.mark.parametrize(
-    "name, upto, label, key",
+    "name, upto, label, key, stop",
     [
-        ("00_start_here.ipynb", "start_here()", "batch size", "Home"),  # batch 16: longest run
-        ("01_discounting_half_life_ema.ipynb", "live_ema()", "beta1 / momentum", "ArrowLeft"),
+        # batch 16: the longest run (3 s on the ci profile): its curve grows, then Stop
+        ("00_start_here.ipynb", "start_here()", "batch size", "Home", 1),
+        # a ci-profile run of lesson 1 takes 0.7 - 1 s, over before a click can stop it (tried:
+        # a Stop as soon as the status said Running came after the end 2 times in 3): it runs out
+        ("01_discounting_half_life_ema.ipynb", "live_ema()", "beta1 / momentum", "ArrowLeft", 0),
     ],
 )
-def test_keyboard_moves_a_slider_the_run_grows_and_stop_stops_it(page, lab, name, upto, label, key):
+def test_keyboard_moves_a_slider_the_run_grows_and_stop_stops_it(
+    page, lab, name, upto, label, key, stop
+):
     open_notebook(page, lab, name)
     s = run_until(page, upto)  # the widget on screen; the notebook's own runs are not needed
     assert not s["errors"], s["errors"]
@@ -217,20 +222,25 @@ def test_keyboard_moves_a_slider_the_run_grows_and_stop_stops_it(page, lab, name
     while not status(widget).startswith("Running"):
         assert time.time() - t0 < 30, f"no run started: {status(widget)!r}"
         time.sleep(0.02)
-    while not any(n > 0 for k, n in curves(widget).items() if k not in before):
+    while stop and not any(n > 0 for k, n in curves(widget).items() if k not in before):
         assert time.time() - t0 < 30, f"the new run drew no point: {status(widget)!r}"
         assert status(widget).startswith("Running"), status(widget)  # it must still run
         time.sleep(0.02)
-    widget.locator("button", has_text="Stop").click()
+    if stop:
+        widget.locator("button", has_text="Stop").click()
     t0 = time.time()
     while not status(widget).startswith(("Stopped", "Done")):
-        assert time.time() - t0 < 30, f"the run did not stop: {status(widget)!r}"
+        assert time.time() - t0 < 30, f"the run did not end: {status(widget)!r}"
         time.sleep(0.05)
-    assert status(widget).startswith("Stopped"), status(widget)
-    after = curves(widget)
+    assert status(widget).startswith("Stopped" if stop else "Done"), status(widget)
+    after = wait_until(
+        lambda: curves(widget),
+        lambda c: any(n > 0 for k, n in c.items() if k not in before),
+        10,
+    )
     new = {name: n for name, n in after.items() if name not in before}
     assert len(new) == 1, (before, after)  # the new run's curve...
-    assert next(iter(new.values())) > 0, after  # ...with the points it trained before Stop
+    assert next(iter(new.values())) > 0, after  # ...with the points it trained
 
 
 def test_matplotlib_renderer_in_the_browser(page, lab_matplotlib):
