@@ -1023,17 +1023,12 @@ class LiveRun:
             y2label=self._axes["y2label"],
         )
         new.set_scale(old.scale)
-        self.figure, self.renderer_name = new, "matplotlib"
+        self._swap_figure("figure", new)
+        self.renderer_name = "matplotlib"
         if self.panel_figure is not None:
             panel = MatplotlibFigure(**(self.panel_axes or {}))
             panel.set_scale(self.panel_figure.scale)
-            children = [
-                panel.widget if c is self.panel_figure.widget else c for c in self.widget.children
-            ]
-            self.panel_figure = panel
-        else:
-            children = list(self.widget.children)
-        self.widget.children = [new.widget if c is old.widget else c for c in children]
+            self._swap_figure("panel_figure", panel)
         self._draw()
         self.front_end_notice = (
             "The plotly figure did not display in this front end, so plots are drawn with "
@@ -1205,6 +1200,12 @@ class LiveRun:
                 "warn" if notice or cores else "ok",
             )
 
+    def _swap_figure(self, attr: str, new) -> None:
+        """Put figure ``new`` in the place of ``self.<attr>``, on screen too."""
+        old = getattr(self, attr)
+        self.widget.children = [new.widget if c is old.widget else c for c in self.widget.children]
+        setattr(self, attr, new)
+
     def _heal_deaf_figures(self) -> int:
         """Replace each plotly figure of a displayed widget whose view applied none of its
         updates (PlotlyFigure.deaf) with a rebuilt one, so the curves drawn so far appear;
@@ -1220,11 +1221,7 @@ class LiveRun:
                 old = getattr(self, attr)
                 if not isinstance(old, PlotlyFigure) or not old.deaf():
                     continue
-                new = old.rebuilt()
-                self.widget.children = [
-                    new.widget if c is old.widget else c for c in self.widget.children
-                ]
-                setattr(self, attr, new)
+                self._swap_figure(attr, old.rebuilt())
                 rebuilt += 1
         self.rebuilds += rebuilt
         return rebuilt
