@@ -51,7 +51,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lessons import data
-from lessons.models import make_model
 from lessons.profiles import get_profile, pick_device
 from lessons.train import (
     MALLOC_TUNABLES,
@@ -98,9 +97,7 @@ class FolderDataset(torch.utils.data.Dataset):
 def _model_and_optimizer(config: TrainConfig, device: torch.device, classes: int = 10):
     """The engine's model (channels_last, as train builds it) and optimizer, from the seed."""
     torch.manual_seed(config.seed)
-    c = config
-    model = make_model(classes, c.width, c.depth, c.norm, c.stem_stride).to(device)
-    model = model.to(memory_format=torch.channels_last)
+    model = config.model(classes).to(device).to(memory_format=torch.channels_last)
     return model, OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
 
 

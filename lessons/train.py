@@ -137,6 +137,11 @@ class TrainConfig:
         base.update(overrides)
         return cls(**base)
 
+    def model(self, num_classes: int) -> torch.nn.Module:
+        """A new model of this config's architecture (width, depth, norm, stem), on the CPU
+        in the default memory format, initialised from torch's global RNG as it stands."""
+        return make_model(num_classes, self.width, self.depth, self.norm, self.stem_stride)
+
     def check(self, n_train: int | None = None) -> None:
         """Raise ValueError, saying what to change, for a setting that cannot run."""
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -324,7 +329,7 @@ def train(
 
     with _INIT_LOCK:  # the global RNG: runs started side by side must not interleave here
         torch.manual_seed(c.seed)
-        model = make_model(len(ds.classes), c.width, c.depth, c.norm, c.stem_stride).to(device)
+        model = c.model(len(ds.classes)).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = _param_groups(model, c.weight_decay)

@@ -229,7 +229,7 @@ def test_a_strided_stem_halves_the_first_resolution_and_only_the_ci_profile_has_
     assert profiles.get_profile("gpu").stem_stride == profiles.get_profile("cpu").stem_stride == 1
     seen = []
     c = ci(epochs=1, max_steps=2, on_epoch=lambda m, ds, e: seen.append(m) or {})
-    assert c.stem_stride == 2
+    assert c.stem_stride == 2 and c.model(10).features[0][0].stride == (2, 2)
     run(c, dataset=shapes_ci)
     assert seen and seen[0].features[0][0].stride == (2, 2)
 
