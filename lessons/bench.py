@@ -13,6 +13,9 @@ Measured in the same run, on the same model, batch, optimizer and precision:
   autocast (``engine_fp32_img_per_s``, ``engine_bf16_img_per_s``, ``bf16_speedup``);
 - micro_*: invariant AdamW with 8 micro-batches per batch (LayerNorm model), one backward per
   micro-batch against all micro-batch gradients in one torch.func (vmap) pass;
+- lamb_*: the engine with LAMB, its trust ratios recorded (as lesson 3 trains it), against
+  AdamW on the same model: ``lamb_over_adamw``, what LAMB's per-tensor trust ratios cost
+  (lessons.optim.Lamb steps every tensor of a group in one torch._foreach_* op per line);
 - first_point_s: from a start request to the first loss point of a new run (data warm);
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy;
 - thread_*: the engine in a worker thread, as a widget runs it, after torch work on the main
@@ -325,6 +328,13 @@ def run_bench(
     for vm in (False, True):
         engine_img_per_s(replace(micro, micro_vmap=vm, max_steps=3), ds)  # warm up
         micro_rates[vm] = engine_img_per_s(replace(micro, micro_vmap=vm), ds)
+    # lesson 3: LAMB with its trust ratios recorded, against AdamW on the same model
+    by_optimizer = {}
+    for opt_name, extra in (("adamw", {}), ("lamb", dict(record_trust=True))):
+        short_run = dict(optimizer=opt_name, lr=1e-3, max_steps=max(20, steps // 2) + 1)
+        one = replace(timed, **short_run, **extra)
+        engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
+        by_optimizer[opt_name] = engine_img_per_s(one, ds)
     # the main thread has trained above, so it holds OpenMP worker threads of its own
     short = replace(timed, max_steps=max(20, steps // 2) + 1)
     thread_as_is = in_thread(engine_img_per_s, short, ds)
@@ -378,6 +388,9 @@ def run_bench(
         "micro_loop_img_per_s": round(micro_rates[False], 1),
         "micro_vmap_img_per_s": round(micro_rates[True], 1),
         "micro_vmap_speedup": round(micro_rates[True] / micro_rates[False], 2),
+        "adamw_img_per_s": round(by_optimizer["adamw"], 1),
+        "lamb_img_per_s": round(by_optimizer["lamb"], 1),
+        "lamb_over_adamw": round(by_optimizer["lamb"] / by_optimizer["adamw"], 2),
         "thread_img_per_s": round(thread_as_is, 1),
         "thread_freed_img_per_s": round(thread_freed, 1),
         "thread_openmp_freed": freed,

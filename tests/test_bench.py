@@ -55,6 +55,8 @@ def test_bench_prints_one_json_object_with_ratios():
         assert result["engine_bf16_img_per_s"] is None and result["bf16_speedup"] is None
     micro = result["micro_vmap_img_per_s"] / result["micro_loop_img_per_s"]
     assert abs(result["micro_vmap_speedup"] - micro) < 0.01
+    lamb = result["lamb_img_per_s"] / result["adamw_img_per_s"]
+    assert result["lamb_over_adamw"] == pytest.approx(lamb, abs=0.01)
     assert result["profile"] == "ci" and result["steps"] == 6 and result["workers"] == 1
     assert 0 <= result["lesson_val_acc"] <= 1
     assert result["sweep_runs"] == 4
