@@ -262,18 +262,26 @@ class InvariantAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def accumulate(self) -> None:
         """Add the current gradients (one micro-batch) and their squares; clear them."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "grad_sum" not in state:
-                    state["grad_sum"] = torch.zeros_like(p)
-                    state["grad_sq_sum"] = torch.zeros_like(p)
-                state["grad_sum"].add_(p.grad)
-                state["grad_sq_sum"].addcmul_(p.grad, p.grad)
-                p.grad = None
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        sums, squares = self._sums(params)
+        grads = [p.grad for p in params]
+        torch._foreach_add_(sums, grads)
+        torch._foreach_addcmul_(squares, grads, grads)
+        for p in params:
+            p.grad = None
         self.micro_batches += 1
+
+    def _sums(self, params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The running sums of the gradients and of their squares, made where missing."""
+        for p in params:
+            state = self.state[p]
+            if "grad_sum" not in state:
+                state["grad_sum"] = torch.zeros_like(p)
+                state["grad_sq_sum"] = torch.zeros_like(p)
+        return (
+            [self.state[p]["grad_sum"] for p in params],
+            [self.state[p]["grad_sq_sum"] for p in params],
+        )
 
     @torch.no_grad()
     def accumulate_many(self, grads) -> None:
@@ -285,21 +293,16 @@ class InvariantAdamW(torch.optim.Optimizer):
             raise ValueError(
                 f"need one stacked gradient per parameter ({len(params)}), got {len(grads)}"
             )
-        count = None
         for p, g in zip(params, grads):
             if g.shape[1:] != p.shape:
                 raise ValueError(
                     f"a stacked gradient of shape {tuple(g.shape)} does not fit a "
                     f"parameter of shape {tuple(p.shape)}"
                 )
-            count = g.shape[0]
-            state = self.state[p]
-            if "grad_sum" not in state:
-                state["grad_sum"] = torch.zeros_like(p)
-                state["grad_sq_sum"] = torch.zeros_like(p)
-            state["grad_sum"].add_(g.sum(0))
-            state["grad_sq_sum"].add_((g * g).sum(0))
-        self.micro_batches += count or 0
+        sums, squares = self._sums(params)
+        torch._foreach_add_(sums, [g.sum(0) for g in grads])
+        torch._foreach_add_(squares, [g.square().sum(0) for g in grads])
+        self.micro_batches += grads[0].shape[0] if grads else 0
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -314,27 +317,34 @@ class InvariantAdamW(torch.optim.Optimizer):
                 "and then opt.accumulate() for every micro-batch, then opt.step()"
             )
         k = self.micro_batches
-        for group in self.param_groups:
+        for group in self.param_groups:  # each line one torch._foreach_* op over the group
+            params = [p for p in group["params"] if "grad_sum" in self.state[p]]
+            if not params:
+                continue
             b1, b2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            for p in group["params"]:
-                state = self.state[p]
-                if "grad_sum" not in state:
-                    continue
-                g = state["grad_sum"] / k
-                g2 = state["grad_sq_sum"] / k
+            states = [self.state[p] for p in params]
+            for p, state in zip(params, states):
                 if "step" not in state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"]
-                p.mul_(1 - lr * wd)
-                state["exp_avg"].lerp_(g, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).add_(g2, alpha=1 - b2)
-                denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - b2**t)).add_(eps)
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1**t))
-                state["grad_sum"].zero_()
-                state["grad_sq_sum"].zero_()
+            sums = [state["grad_sum"] for state in states]
+            squares = [state["grad_sq_sum"] for state in states]
+            m = [state["exp_avg"] for state in states]
+            v = [state["exp_avg_sq"] for state in states]
+            torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(m, torch._foreach_div(sums, k), 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_add_(v, torch._foreach_div(squares, k), alpha=1 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** state["step"]) for state in states])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(
+                params, m, denom, [-lr / (1 - b1 ** state["step"]) for state in states]
+            )
+            torch._foreach_zero_(sums)
+            torch._foreach_zero_(squares)
         self.micro_batches = 0
         return loss

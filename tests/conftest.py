@@ -44,3 +44,19 @@ def private_run_log(tmp_path, monkeypatch):
     from widgets import live
 
     monkeypatch.setattr(live, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+
+
+def top_level_ops(fn) -> int:
+    """How many aten operations ``fn()`` issues itself (not those an operation calls inside):
+    on a GPU each is at least one kernel launch, so the count is what an optimizer step costs
+    in launches, measurable on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
