@@ -1188,17 +1188,26 @@ class LiveRun:
             timer.start()
         group = list(self.last_group.values())
         if group and all(r.status == "done" for r in group) and len(configs) == len(group):
-            notice = group[0].meta.get("notice")
             parts = [f"{r.name}: {r.result()}" if r.name else r.result() for r in group]
-            cores = self._core_note()
-            self._set_status(
-                f"Done {self.label(values)} in {time.perf_counter() - t0:.1f} s: "
-                + "; ".join(parts)
-                + "."
-                + (f" NOTICE: {notice}" if notice else "")
-                + cores,
-                "warn" if notice or cores else "ok",
+            self._say_done(
+                self.label(values),
+                time.perf_counter() - t0,
+                "; ".join(parts),
+                group[0].meta.get("notice"),
             )
+
+    def _say_done(self, what: str, secs: float, result: str, notice: str | None) -> None:
+        """Say "Done <what> in <secs> s: <result>.", then the data notice and, on a CPU,
+        whether another program took the cores; a warning colour if either is there."""
+        cores = self._core_note()
+        self._set_status(
+            f"Done {what} in {secs:.1f} s"
+            + (f": {result}" if result else "")
+            + "."
+            + (f" NOTICE: {notice}" if notice else "")
+            + cores,
+            "warn" if notice or cores else "ok",
+        )
 
     def _swap_figure(self, attr: str, new) -> None:
         """Put figure ``new`` in the place of ``self.<attr>``, on screen too."""
@@ -1352,14 +1361,9 @@ class LiveRun:
                 if run in self.runs:
                     self.runs.remove(run)
                 self.last_group.pop(name, None)
-        notice = f" NOTICE: {run.meta['notice']}" if run.meta.get("notice") else ""
         if say and run.status == "done":
-            acc = f": {run.result()}" if run.last("eval") else ""
-            cores = self._core_note()
-            self._set_status(
-                f"Done {run.label} in {secs:.1f} s{acc}.{notice}{cores}",
-                "warn" if notice or cores else "ok",
-            )
+            result = run.result() if run.last("eval") else ""
+            self._say_done(run.label, secs, result, run.meta.get("notice"))
         elif say and run.status == "diverged":
             text = _diverged_text(run)
             self._set_status(f"{text}: lower the learning rate and run again.", "error")
