@@ -28,6 +28,12 @@ Measured in the same run, on the same model, batch, optimizer and precision:
   against the four side by side (lessons.train.train_many: a thread per run, on CUDA a stream
   per run), each as a multiple of one run.
 
+``--candidates`` adds ``candidates``: for cheaper models and larger batches than the profile's
+(stem stride 1 or 2, the profile's width or half of it, its batch, 2x and 4x with the learning
+rate scaled linearly, lessons.scaling's "sgd-linear" rule), the model alone (bare img/s and its
+ratio to the same run's baseline) and one default-length run (seconds, val accuracy): what it
+would take to reach a speedup of 20 on a GPU, and what each choice costs in accuracy.
+
 Where Imagenette cannot be had, the bench uses the generated data set at Imagenette's size
 (9,469 train / 3,925 val images of 160 px) and says so in its output.
 """
@@ -54,6 +60,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lessons import data
+from lessons import scaling as S
 from lessons.profiles import get_profile, pick_device
 from lessons.train import (
     MALLOC_TUNABLES,
@@ -267,11 +274,42 @@ def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> fl
     return statistics.median(times)
 
 
+def candidate_runs(base: TrainConfig, ds: data.Dataset, steps: int, baseline: float) -> list:
+    """Cheaper models and larger batches than ``base``: bare img/s, its ratio to
+    ``baseline``, and one default-length run (evaluation included) of each."""
+    rows = []
+    for stride in (1, 2):
+        for width in (base.width, max(1, base.width // 2)):
+            for k in (1, 2, 4):
+                hp = S.transfer(dict(lr=base.lr, momentum=base.momentum), 1, k, "sgd-linear")
+                c = replace(base, stem_stride=stride, width=width, batch=base.batch * k, **hp)
+                timed = replace(c, evaluate=False, max_steps=steps + 1, epochs=10_000)
+                bare = bare_img_per_s(timed, ds, max(5, steps // k))
+                t0 = time.perf_counter()
+                records = list(train(c, dataset=ds))
+                evals = [r for r in records if r.kind == "eval"]
+                rows.append(
+                    {
+                        "stem_stride": stride,
+                        "width": width,
+                        "batch": c.batch,
+                        "lr": round(c.lr, 4),
+                        "bare_img_per_s": round(bare, 1),
+                        "ceiling_speedup": round(bare / baseline, 2),
+                        "run_s": round(time.perf_counter() - t0, 2),
+                        "val_acc": round(evals[-1].val_acc, 4) if evals else None,
+                        "ended": records[-1].kind if records else None,  # done | diverged
+                    }
+                )
+    return rows
+
+
 def run_bench(
     profile_name: str | None = None,
     steps: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    candidates: bool = False,
 ) -> dict:
     profile = get_profile(profile_name)
     device = pick_device()
@@ -357,6 +395,7 @@ def run_bench(
             pass
         sweep_s[together] = time.perf_counter() - t0
     evals = [r for r in records if r.kind == "eval"]
+    extra = {"candidates": candidate_runs(base, ds, steps, baseline)} if candidates else {}
     return {
         "profile": profile.name,
         "device": str(device),
@@ -405,6 +444,7 @@ def run_bench(
         "sweep_concurrent_s": round(sweep_s[True], 2),
         "sweep_sequential_over_one_run": round(sweep_s[False] / lesson_s, 2),
         "sweep_concurrent_over_one_run": round(sweep_s[True] / lesson_s, 2),
+        **extra,
     }
 
 
@@ -414,14 +454,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per pipeline")
     parser.add_argument("--workers", type=int, default=None, help="baseline loader workers")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="also time cheaper models and larger batches than the profile's",
+    )
     args = parser.parse_args(argv)
-    result = run_bench(args.profile, args.steps, args.workers, progress=not args.json)
+    result = run_bench(
+        args.profile, args.steps, args.workers, progress=not args.json, candidates=args.candidates
+    )
     if args.json:
         print(json.dumps(result))
         return 0
+    rows = result.pop("candidates", [])
     width = max(map(len, result))
     for key, value in result.items():
         print(f"{key:<{width}}  {value}")
+    if rows:
+        print("candidates:")
+        print("  " + "  ".join(f"{k:>15}" for k in rows[0]))
+        for row in rows:
+            print("  " + "  ".join(f"{v!s:>15}" for v in row.values()))
     return 0
 
 

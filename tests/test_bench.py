@@ -77,6 +77,25 @@ def test_bench_prints_one_json_object_with_ratios():
         assert result[f"sweep_{mode}_over_one_run"] == pytest.approx(over, rel=0.03)
 
 
+def test_candidates_time_cheaper_models_and_larger_batches_with_the_lr_scaled(shapes_ci):
+    from dataclasses import replace
+
+    from lessons.bench import candidate_runs
+    from lessons.train import TrainConfig
+
+    base = replace(TrainConfig.from_profile("ci"), epochs=1, n_train=shapes_ci.n_train)
+    rows = candidate_runs(base, shapes_ci, steps=4, baseline=1000.0)
+    assert len(rows) == 12
+    seen = {(r["stem_stride"], r["width"], r["batch"]) for r in rows}
+    assert seen == {(s, w, b) for s in (1, 2) for w in (16, 8) for b in (64, 128, 256)}
+    for r in rows:
+        assert r["lr"] == pytest.approx(base.lr * r["batch"] / base.batch, rel=1e-3)  # linear
+        assert r["bare_img_per_s"] > 0 and r["run_s"] > 0
+        assert r["ceiling_speedup"] == pytest.approx(r["bare_img_per_s"] / 1000.0, abs=0.01)
+        assert r["ended"] in ("done", "diverged")
+        assert r["ended"] == "diverged" or 0 <= r["val_acc"] <= 1
+
+
 def test_widget_bench_counts_front_end_messages_and_throttling_cuts_them(tmp_path):
     env = {**os.environ, "LESSONS_DEVICE": "cpu"}
     out = subprocess.run(
