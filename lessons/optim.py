@@ -62,7 +62,7 @@ class Lamb(torch.optim.Optimizer):
 
     A step takes the tensors of a group together (``torch._foreach_*``): 49 operations a step
     for the gpu profile's model where a loop over its tensors took 684 (on a GPU, each a
-    kernel launch); on 2 CPU cores the ci and cpu profiles' LAMB runs went 1.1 - 1.25x
+    kernel launch); on 2 CPU cores the ci and cpu profiles' LAMB runs went 1.06 - 1.25x
     faster (BENCHMARKS.md)."""
 
     def __init__(
