@@ -56,6 +56,19 @@ def _check_adam_args(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
 
 
+def _advance_moments(opt: torch.optim.Optimizer, params: list) -> tuple[list, list, list]:
+    """For a step of ``params``: their states, each step count advanced by one (the moments
+    made, zero, at the first step), and the lists of first and second moments."""
+    states = [opt.state[p] for p in params]
+    for p, state in zip(params, states):
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+    return states, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+
+
 class Lamb(torch.optim.Optimizer):
     """LAMB with a per-tensor trust ratio; the last ratio of every parameter is kept in
     ``self.state[p]["trust"]`` (a 0-dim tensor, no host sync) and ``trust_ratios()``.
@@ -149,15 +162,7 @@ class Lamb(torch.optim.Optimizer):
             grads = torch._foreach_mul(grads, scale)
         b1, b2 = group["betas"]
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-        m = [state["exp_avg"] for state in states]
-        v = [state["exp_avg_sq"] for state in states]
+        states, m, v = _advance_moments(self, params)
         torch._foreach_mul_(m, b1)
         torch._foreach_add_(m, grads, alpha=1 - b1)
         torch._foreach_mul_(v, b2)
@@ -323,17 +328,9 @@ class InvariantAdamW(torch.optim.Optimizer):
                 continue
             b1, b2 = group["betas"]
             lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            states = [self.state[p] for p in params]
-            for p, state in zip(params, states):
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
+            states, m, v = _advance_moments(self, params)
             sums = [state["grad_sum"] for state in states]
             squares = [state["grad_sq_sum"] for state in states]
-            m = [state["exp_avg"] for state in states]
-            v = [state["exp_avg_sq"] for state in states]
             torch._foreach_mul_(params, 1 - lr * wd)
             torch._foreach_lerp_(m, torch._foreach_div(sums, k), 1 - b1)
             torch._foreach_mul_(v, b2)

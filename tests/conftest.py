@@ -60,3 +60,27 @@ def top_level_ops(fn) -> int:
         if e.name.startswith("aten::")
         and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
     )
+
+
+def ops_per_step(make_optimizer, n_tensors: int, micro_batches: int = 0) -> int:
+    """top_level_ops of one step of ``make_optimizer(params)`` over ``n_tensors`` small
+    parameters, after a first step has made its state: ``micro_batches`` accumulate() calls
+    first where given, trust_ratios() after where the optimizer has it."""
+    import torch
+
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n_tensors)]
+    grads = [torch.randn(4, 3) for _ in params]
+    opt = make_optimizer(params)
+
+    def step():
+        for _ in range(max(1, micro_batches)):
+            for p, g in zip(params, grads):
+                p.grad = g
+            if micro_batches:
+                opt.accumulate()
+        opt.step()
+        if hasattr(opt, "trust_ratios"):
+            opt.trust_ratios()
+
+    step()
+    return top_level_ops(step)

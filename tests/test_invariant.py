@@ -10,7 +10,7 @@ import torch
 from lessons import scaling as S
 from lessons.optim import InvariantAdamW
 from lessons.train import TrainConfig, run
-from tests.conftest import top_level_ops
+from tests.conftest import ops_per_step
 
 
 def test_one_accumulate_per_step_is_exactly_adamw():
@@ -216,19 +216,7 @@ def test_a_step_of_eight_micro_batches_issues_as_many_operations_for_forty_tenso
     tensors issued 896 (on a GPU, each a kernel launch)."""
 
     def ops(n_tensors: int) -> int:
-        params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n_tensors)]
-        grads = [torch.randn(4, 3) for _ in params]
-        opt = InvariantAdamW(params, lr=1e-3)
-
-        def step():
-            for _ in range(8):
-                for p, g in zip(params, grads):
-                    p.grad = g
-                opt.accumulate()
-            opt.step()
-
-        step()  # the first step makes the moments
-        return top_level_ops(step)
+        return ops_per_step(lambda params: InvariantAdamW(params, lr=1e-3), n_tensors, 8)
 
     few, many = ops(4), ops(40)
     assert few == many, (few, many)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lessons.optim import LAMB_VARIANTS, Lamb
-from tests.conftest import top_level_ops
+from tests.conftest import ops_per_step
 
 
 def reference_lamb(
@@ -315,27 +315,18 @@ def test_the_inspector_norms_are_those_of_the_step_taken():
         torch.testing.assert_close(p.detach(), w - lr * trust * s)
 
 
-def _ops_per_step(n_tensors: int, **opts) -> int:
-    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(n_tensors)]
-    grads = [torch.randn(4, 3) for _ in params]
-    opt = Lamb(params, lr=0.01, weight_decay=0.1, **opts)
-
-    def step():
-        for p, g in zip(params, grads):
-            p.grad = g
-        opt.step()
-        opt.trust_ratios()
-
-    step()  # the first step makes the moments
-    return top_level_ops(step)
-
-
 @pytest.mark.parametrize("variant", ["course", "fastai", "timm / NVIDIA"])
 def test_a_step_issues_as_many_operations_for_forty_tensors_as_for_four(variant):
     """One torch._foreach_* operation per line of the algorithm, over all tensors of a group:
     on a GPU each operation is a kernel launch, and a loop over tensors issued ~20 per tensor
     (684 operations a step for the gpu profile's model, 49 in the foreach form)."""
-    opts = LAMB_VARIANTS[variant]
-    few, many = _ops_per_step(4, **opts), _ops_per_step(40, **opts)
+
+    def ops(n_tensors: int) -> int:
+        return ops_per_step(
+            lambda params: Lamb(params, lr=0.01, weight_decay=0.1, **LAMB_VARIANTS[variant]),
+            n_tensors,
+        )
+
+    few, many = ops(4), ops(40)
     assert few == many, (few, many)
     assert few <= 40  # 24 - 34 for the named variants
