@@ -243,17 +243,31 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA GPU has bf16 arithmetic in hardware: compute capability 8.0 or later
+    (A100, H100, L4, RTX 30xx and newer). Colab's free T4 (7.5), a V100 (7.0) or a P100 only
+    emulate it, which is no faster than float32 (torch.cuda.is_bf16_supported() says yes to
+    them: it counts emulation)."""
+    try:
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    except (RuntimeError, AssertionError, ValueError):  # no driver, no such device
+        return False
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether the device computes bf16 faster than float32: CUDA, or a CPU with bf16
-    instructions (cpu_has_native_bf16)."""
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    """Whether the device computes bf16 faster than float32: a CUDA GPU with bf16 hardware
+    (cuda_has_native_bf16), or a CPU with bf16 instructions (cpu_has_native_bf16)."""
+    if device.type == "cuda":
+        return cuda_has_native_bf16(device)
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def use_bf16(c: TrainConfig, device: torch.device) -> bool:
     """Whether a run trains under bfloat16 autocast: ``c.bf16`` where set, else
-    LESSONS_BF16=1|0, else on CUDA, and on a CPU with native bf16 where the run's profile
-    allows it (``Profile.cpu_bf16``: the cpu profile does; the ci profile keeps float32, so
-    that the tests see the same numbers on every CPU). Never on other devices (MPS)."""
+    LESSONS_BF16=1|0, else on a GPU with bf16 hardware (native_bf16), and on a CPU with it
+    where the run's profile allows it (``Profile.cpu_bf16``: the cpu profile does; the ci
+    profile keeps float32, so that the tests see the same numbers on every CPU). Never on
+    other devices (MPS)."""
     if c.bf16 is not None:
         return c.bf16
     env = os.environ.get("LESSONS_BF16", "")

@@ -128,6 +128,7 @@ def test_use_bf16_follows_the_setting_the_environment_the_device_and_the_profile
     cpu, cuda, mps = (torch.device(d) for d in ("cpu", "cuda", "mps"))
     on_cpu, on_ci = TrainConfig.from_profile("cpu"), TrainConfig.from_profile("ci")
     monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(T, "cuda_has_native_bf16", lambda device: True)
     assert T.use_bf16(on_cpu, cpu) and T.precision(on_cpu, cpu) == "bf16 autocast"
     assert not T.use_bf16(on_ci, cpu)  # the tests see float32 numbers on every CPU
     assert not T.use_bf16(TrainConfig(), cpu)  # no profile: float32
@@ -141,6 +142,35 @@ def test_use_bf16_follows_the_setting_the_environment_the_device_and_the_profile
     monkeypatch.setenv("LESSONS_BF16", "0")
     assert not T.use_bf16(on_ci, cuda)
     assert T.use_bf16(TrainConfig.from_profile("ci", bf16=True), cuda)  # the setting wins
+    # a GPU that only emulates bf16 (Colab's T4) trains in float32 unless asked otherwise
+    monkeypatch.delenv("LESSONS_BF16")
+    monkeypatch.setattr(T, "cuda_has_native_bf16", lambda device: False)
+    assert not T.use_bf16(on_ci, cuda) and T.precision(on_ci, cuda) == "float32"
+    assert T.use_bf16(TrainConfig.from_profile("ci", bf16=True), cuda)
+
+
+@pytest.mark.parametrize(
+    "capability, native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)]
+)
+def test_bf16_counts_as_native_on_ampere_and_newer_gpus_only(monkeypatch, capability, native):
+    """V100 (7.0) and T4 (7.5) emulate bf16; A100 (8.0) and H100 (9.0) compute it."""
+    import lessons.train as T
+
+    seen = []
+
+    def capability_of(device):
+        seen.append(device)
+        return capability
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    assert T.cuda_has_native_bf16(torch.device("cuda:0")) is native
+    assert T.native_bf16(torch.device("cuda:0")) is native and seen[-1] == torch.device("cuda:0")
+
+    def no_gpu(device):
+        raise AssertionError("Torch not compiled with CUDA enabled")
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", no_gpu)
+    assert T.cuda_has_native_bf16(torch.device("cuda")) is False
 
 
 @pytest.mark.skipif(
