@@ -667,9 +667,37 @@ def keep_freed_memory() -> bool:
 def warm_up() -> None:
     """Do once, ahead of time, what a process's first run would do before its first point:
     the first torch optimizer built imports torch._dynamo (1.8 - 2.2 s on 2 cores; the first
-    run's first loss point came after 2.0 s, the second run's after 0.03 s). LiveRun calls
-    this in a background thread when it is built, so the first slider move answers at once."""
+    run's first loss point came after 2.0 s, the second run's after 0.03 s); on a GPU,
+    warm_device. LiveRun calls this in a background thread when it is built, so the first
+    slider move answers at once."""
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    device = pick_device()
+    if device.type == "cuda":
+        try:
+            warm_device(device)
+        except Exception:  # a head start only: the run itself reports any real failure
+            pass
+
+
+def warm_device(device: torch.device, profile: str | None = None) -> float:
+    """One training step of the profile's model (``profile``, else the active one) on a
+    random batch of its size and resolution, in the precision a run would use; its loss. On
+    a GPU this starts the CUDA context and loads cuDNN and the kernels a first run needs: a
+    cold process's first run gave its first point after 5.1 s on an H100, a warm one after
+    0.02 s. The model and batch are made under the lock that keeps runs' seeding apart."""
+    c = TrainConfig.from_profile(get_profile(profile).name)
+    gen = torch.Generator().manual_seed(0)
+    with _INIT_LOCK:  # the global RNG initialises the model
+        model = c.model(10).to(device)
+    if device.type in ("cuda", "cpu"):
+        model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(c.batch, 3, c.size, c.size, generator=gen).to(device)
+    y = torch.randint(0, 10, (c.batch,), generator=gen).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(c, device)):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    loss.backward()
+    return loss.item()
 
 
 def concurrent_by_default(device: torch.device) -> bool:

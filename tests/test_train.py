@@ -1,5 +1,6 @@
 """The engine: learning, stopping, divergence, repeatability, settings, profiles, models."""
 
+import math
 import os
 import subprocess
 import sys
@@ -207,6 +208,35 @@ def test_onecycle_schedule_warms_up_then_decays(shapes_ci):
     peak = lrs.index(max(lrs))
     assert max(lrs) == pytest.approx(0.05)
     assert lrs[: peak + 1] == sorted(lrs[: peak + 1]) and lrs[peak:] == sorted(lrs[peak:])[::-1]
+
+
+def test_warm_device_takes_a_step_of_the_profiles_model_under_the_seeding_lock(monkeypatch):
+    import threading
+    import time
+
+    import lessons.train as T
+
+    loss = T.warm_device(torch.device("cpu"), "ci")
+    assert math.isfinite(loss) and 1.0 < loss < 5.0  # an untrained 10-class model: ~ln 10
+    # the model's initialisation draws from the global RNG: while a run seeds it (holding
+    # _INIT_LOCK), the warm-up waits
+    out = []
+    with T._INIT_LOCK:
+        t = threading.Thread(target=lambda: out.append(T.warm_device(torch.device("cpu"), "ci")))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and not out
+    t.join(60)
+    assert out and math.isfinite(out[0])
+    # warm_up warms a GPU only: on a CPU it trains nothing
+    calls = []
+    monkeypatch.setattr(T, "warm_device", lambda *a: calls.append(a))
+    for device, expect in (("cpu", []), ("cuda", [(torch.device("cuda"),)])):
+        monkeypatch.setattr(T, "pick_device", lambda d=device: torch.device(d))
+        T.warm_up.cache_clear()
+        T.warm_up()
+        assert calls == expect, device
+    T.warm_up.cache_clear()
 
 
 def test_metrics_round_trip_through_dicts():
