@@ -17,6 +17,9 @@ Measured in the same run, on the same model, batch, optimizer and precision:
   AdamW on the same model: ``lamb_over_adamw``, what LAMB's per-tensor trust ratios cost
   (lessons.optim.Lamb steps every tensor of a group in one torch._foreach_* op per line);
 - first_point_s: from a start request to the first loss point of a new run (data warm);
+- cold_first_point_s / warmed_first_point_s: the same for the first run of a fresh process
+  (its data loaded), without and after lessons.train.warm_up(), which a widget runs in the
+  background while the student reads (on a GPU: CUDA, cuDNN and the kernels a run needs);
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy;
 - thread_*: the engine in a worker thread, as a widget runs it, after torch work on the main
   thread: as is, and after lessons.train.free_openmp_threads() on the main thread;
@@ -73,6 +76,7 @@ from lessons.train import (
     train,
     train_many,
     use_bf16,
+    warm_up,
 )
 
 
@@ -263,6 +267,34 @@ def malloc_effect(config: TrainConfig, name: str, size: int, n_train: int, n_val
     return result
 
 
+def _first_point_child(profile_name: str, name: str, n_train: int, n_val: int, warm: bool):
+    """In a fresh process (see cold_first_points): load the data on the device, warm_up()
+    where ``warm``, then time one run's first point; print one JSON line."""
+    c = TrainConfig.from_profile(profile_name, dataset=name, n_train=n_train, n_val=n_val)
+    device = pick_device()
+    ds = data.load(name, c.size, device, n_train=n_train, n_val=n_val, progress=False)
+    if warm:
+        warm_up()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"first_point_s": first_point_s(c, ds, repeats=1)}))
+
+
+def cold_first_points(profile_name: str, name: str, n_train: int, n_val: int) -> dict:
+    """The first run's first point in a fresh process, without and after warm_up()."""
+    out = {}
+    for warm, key in ((False, "cold_first_point_s"), (True, "warmed_first_point_s")):
+        args = [profile_name, name, n_train, n_val, warm]
+        code = f"from lessons.bench import _first_point_child; _first_point_child(*{args!r})"
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"the first-point measurement's child failed:\n{done.stderr}")
+        out[key] = round(json.loads(done.stdout.strip().splitlines()[-1])["first_point_s"], 4)
+    return out
+
+
 def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> float:
     times = []
     for _ in range(repeats):
@@ -384,6 +416,7 @@ def run_bench(
         else dict.fromkeys(MALLOC_FIELDS)
     )
     first = first_point_s(base, ds)
+    cold = cold_first_points(profile.name, name, n_train, n_val)
     t0 = time.perf_counter()
     records = list(train(base, dataset=ds))
     lesson_s = time.perf_counter() - t0
@@ -436,6 +469,7 @@ def run_bench(
         "thread_speedup": round(thread_freed / thread_as_is, 2),
         **malloc,
         "first_point_s": round(first, 4),
+        **cold,
         "lesson_run_s": round(lesson_s, 2),
         "lesson_epochs": base.epochs,
         "lesson_val_acc": round(evals[-1].val_acc, 4) if evals else None,

@@ -33,6 +33,8 @@ def test_bench_prints_one_json_object_with_ratios():
         "baseline_img_per_s",
         "speedup",
         "first_point_s",
+        "cold_first_point_s",
+        "warmed_first_point_s",
         "lesson_run_s",
     ):
         assert result[key] > 0, key
