@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from lessons import data as data_mod
 from lessons.ema import ema
+from lessons.train import channels_last_on
 
 
 def noise_scale(lr: float, n: int, batch: int, momentum: float = 0.0) -> float:
@@ -180,7 +181,7 @@ def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> Ca
 
     def probe(model, ds, epoch):
         x = data_mod.normalize(ds.train_x[:n])
-        if x.device.type in ("cuda", "cpu"):
+        if channels_last_on(x.device):  # as the engine's batches
             x = x.contiguous(memory_format=torch.channels_last)
         return {
             "b_simple": measure_simple_noise_scale(

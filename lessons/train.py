@@ -293,6 +293,12 @@ def lr_multiplier(c: TrainConfig, step: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def channels_last_on(device: torch.device) -> bool:
+    """Whether models and batches go channels_last on this device: faster convolutions on
+    CUDA and on a CPU (oneDNN); left alone elsewhere (MPS)."""
+    return device.type in ("cuda", "cpu")
+
+
 def evaluate(
     model: torch.nn.Module, ds: data_mod.Dataset, batch: int = 1000, autocast: bool = False
 ) -> tuple[float, float]:
@@ -304,7 +310,7 @@ def evaluate(
     with torch.no_grad(), torch.autocast(ds.device.type, dtype=torch.bfloat16, enabled=autocast):
         for i in range(0, ds.val_x.shape[0], batch):
             x = data_mod.normalize(ds.val_x[i : i + batch])
-            if ds.device.type in ("cuda", "cpu"):
+            if channels_last_on(ds.device):
                 x = x.contiguous(memory_format=torch.channels_last)
             y = ds.val_y[i : i + batch]
             out = model(x).float()
@@ -338,7 +344,7 @@ def train(
     bf16 = use_bf16(c, device)
     if device.type == "cpu":
         keep_freed_memory()  # else every CPU step page-faults its activations in afresh
-    channels_last = device.type in ("cuda", "cpu")  # faster convolutions on both
+    channels_last = channels_last_on(device)
     t_start = time.perf_counter()
 
     with _INIT_LOCK:  # the global RNG: runs started side by side must not interleave here
@@ -684,12 +690,13 @@ def warm_device(device: torch.device, profile: str | None = None) -> float:
     random batch of its size and resolution, in the precision a run would use; its loss. On
     a GPU this starts the CUDA context and loads cuDNN and the kernels a first run needs: a
     cold process's first run gave its first point after 5.1 s on an H100, a warm one after
-    0.02 s. The model and batch are made under the lock that keeps runs' seeding apart."""
+    0.02 s. The model is made under the lock that keeps runs' seeding apart; the batch draws
+    from a generator of its own."""
     c = TrainConfig.from_profile(get_profile(profile).name)
     gen = torch.Generator().manual_seed(0)
     with _INIT_LOCK:  # the global RNG initialises the model
         model = c.model(10).to(device)
-    if device.type in ("cuda", "cpu"):
+    if channels_last_on(device):
         model = model.to(memory_format=torch.channels_last)
     x = torch.randn(c.batch, 3, c.size, c.size, generator=gen).to(device)
     y = torch.randint(0, 10, (c.batch,), generator=gen).to(device)
