@@ -222,6 +222,17 @@ def _engine_child(config_json: str, name: str, size: int, n_train: int, n_val: i
     print(json.dumps({"img_per_s": rate, "faults_per_step": faults}))
 
 
+def _child_json(code: str, what: str, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh Python process and return the JSON object its last line holds;
+    a failed child raises RuntimeError with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the {what}'s child process failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 MALLOC_SETTINGS = {  # name: (LESSONS_KEEP_MEMORY, whether GLIBC_TUNABLES has MALLOC_TUNABLES)
     "default": ("0", False),  # glibc's own, self-adjusting thresholds
     "kept": ("1", False),  # keep_freed_memory(), as train() sets on a CPU
@@ -251,12 +262,7 @@ def malloc_effect(config: TrainConfig, name: str, size: int, n_train: int, n_val
         env.pop("GLIBC_TUNABLES", None)
         if tunables:
             env["GLIBC_TUNABLES"] = tunables
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the malloc measurement's child process failed:\n{done.stderr}")
-        out[setting] = json.loads(done.stdout.strip().splitlines()[-1])
+        out[setting] = _child_json(code, "malloc measurement", env)
     result = {}
     for setting, r in out.items():
         result[f"malloc_{setting}_img_per_s"] = round(r["img_per_s"], 1)
@@ -286,12 +292,7 @@ def cold_first_points(profile_name: str, name: str, n_train: int, n_val: int) ->
     for warm, key in ((False, "cold_first_point_s"), (True, "warmed_first_point_s")):
         args = [profile_name, name, n_train, n_val, warm]
         code = f"from lessons.bench import _first_point_child; _first_point_child(*{args!r})"
-        done = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, check=False
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"the first-point measurement's child failed:\n{done.stderr}")
-        out[key] = round(json.loads(done.stdout.strip().splitlines()[-1])["first_point_s"], 4)
+        out[key] = round(_child_json(code, "first-point measurement")["first_point_s"], 4)
     return out
 
 
@@ -398,15 +399,14 @@ def run_bench(
     for vm in (False, True):
         engine_img_per_s(replace(micro, micro_vmap=vm, max_steps=3), ds)  # warm up
         micro_rates[vm] = engine_img_per_s(replace(micro, micro_vmap=vm), ds)
+    short = replace(timed, max_steps=max(20, steps // 2) + 1)
     # lesson 3: LAMB with its trust ratios recorded, against AdamW on the same model
     by_optimizer = {}
     for opt_name, extra in (("adamw", {}), ("lamb", dict(record_trust=True))):
-        short_run = dict(optimizer=opt_name, lr=1e-3, max_steps=max(20, steps // 2) + 1)
-        one = replace(timed, **short_run, **extra)
+        one = replace(short, optimizer=opt_name, lr=1e-3, **extra)
         engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
         by_optimizer[opt_name] = engine_img_per_s(one, ds)
     # the main thread has trained above, so it holds OpenMP worker threads of its own
-    short = replace(timed, max_steps=max(20, steps // 2) + 1)
     thread_as_is = in_thread(engine_img_per_s, short, ds)
     freed = free_openmp_threads()
     thread_freed = in_thread(engine_img_per_s, short, ds)
