@@ -248,6 +248,11 @@ class InvariantAdamW(torch.optim.Optimizer):
     gradients (standard Adam squares the mean instead), with AdamW's bias correction and
     decoupled weight decay, then resets the sums. With one accumulate() per step this is
     exactly torch.optim.AdamW.
+
+    ``skip_nonfinite`` (set by the engine under float16 loss scaling): a step whose sums hold
+    an inf or NaN (a micro-batch's gradients overflowed) is skipped, as torch.amp.GradScaler
+    skips other optimizers' steps: the sums are cleared and nothing else changes, the step
+    count included; ``skipped_steps`` counts them. The check costs one host sync a step.
     """
 
     def __init__(
@@ -257,12 +262,15 @@ class InvariantAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        skip_nonfinite: bool = False,
     ):
         _check_adam_args(lr, betas, eps, weight_decay)
         super().__init__(
             params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         )
         self.micro_batches = 0
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_steps = 0
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -287,6 +295,23 @@ class InvariantAdamW(torch.optim.Optimizer):
             [self.state[p]["grad_sum"] for p in params],
             [self.state[p]["grad_sq_sum"] for p in params],
         )
+
+    def _sum_tensors(self) -> list[torch.Tensor]:
+        """Every running sum there is, of gradients and of their squares."""
+        return [
+            self.state[p][key]
+            for group in self.param_groups
+            for p in group["params"]
+            if "grad_sum" in self.state[p]
+            for key in ("grad_sum", "grad_sq_sum")
+        ]
+
+    def _sums_finite(self) -> bool:
+        """Whether no running sum holds an inf or NaN (one host sync)."""
+        sums = self._sum_tensors()
+        if not sums:
+            return True
+        return bool(torch.stack(torch._foreach_norm(sums, math.inf)).isfinite().all())
 
     @torch.no_grad()
     def accumulate_many(self, grads) -> None:
@@ -322,6 +347,11 @@ class InvariantAdamW(torch.optim.Optimizer):
                 "and then opt.accumulate() for every micro-batch, then opt.step()"
             )
         k = self.micro_batches
+        if self.skip_nonfinite and not self._sums_finite():
+            torch._foreach_zero_(self._sum_tensors())
+            self.micro_batches = 0
+            self.skipped_steps += 1
+            return loss
         for group in self.param_groups:  # each line one torch._foreach_* op over the group
             params = [p for p in group["params"] if "grad_sum" in self.state[p]]
             if not params:

@@ -98,6 +98,41 @@ def theorem_gap(eta: float, kappa: int = 4, c: float = 2.0) -> float:
     return float((wa.detach() - wb.detach()).norm() / (wb.detach() - w0).norm())
 
 
+def test_a_step_with_an_overflowed_micro_batch_is_skipped_when_asked_and_changes_nothing():
+    """Under float16 loss scaling (skip_nonfinite): a step whose micro-batch sums hold an inf
+    leaves the weights, the moments and the step count as they were; the next step is then
+    exactly a fresh optimizer's first. Without the flag the inf reaches the weights."""
+    torch.manual_seed(0)
+    w0 = torch.randn(5, 3)
+    grads = [torch.randn(5, 3) for _ in range(2)]
+    bad = grads[0].clone()
+    bad[1, 2] = float("inf")
+
+    def step(opt, p, micro):
+        for g in micro:
+            p.grad = g.clone()
+            opt.accumulate()
+        opt.step()
+
+    p = w0.clone().requires_grad_()
+    opt = InvariantAdamW([p], lr=0.1, weight_decay=0.1, skip_nonfinite=True)
+    step(opt, p, [bad, grads[1]])
+    assert torch.equal(p.detach(), w0) and "step" not in opt.state[p]
+    assert opt.skipped_steps == 1 and opt.micro_batches == 0
+    assert not opt.state[p]["grad_sum"].any() and not opt.state[p]["grad_sq_sum"].any()
+    step(opt, p, grads)
+    q = w0.clone().requires_grad_()
+    step(InvariantAdamW([q], lr=0.1, weight_decay=0.1), q, grads)
+    assert torch.equal(p.detach(), q.detach()) and opt.state[p]["step"] == 1
+    nan = grads[0].clone()
+    nan[0, 0] = float("nan")
+    step(opt, p, [nan])
+    assert opt.skipped_steps == 2 and opt.state[p]["step"] == 1
+    r = w0.clone().requires_grad_()
+    step(InvariantAdamW([r], lr=0.1), r, [bad, grads[1]])  # the default: no check, no sync
+    assert not torch.isfinite(r.detach()).all()
+
+
 def test_theorem_1_the_gap_shrinks_with_the_learning_rate():
     etas = (4e-3, 2e-3, 1e-3)
     gaps = [theorem_gap(e) for e in etas]
