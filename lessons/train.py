@@ -109,6 +109,10 @@ class TrainConfig:
     # float32). None: see use_bf16 (on CUDA; on a CPU with native bf16 where the profile
     # allows it); LESSONS_BF16=1|0 overrides None
     bf16: bool | None = None
+    # float16 autocast with dynamic loss scaling (torch.amp.GradScaler; weights, gradients and
+    # optimizer state stay float32). None: see use_fp16 (on a GPU with float16 tensor cores
+    # and no bf16 hardware: Colab's T4, a V100); LESSONS_FP16=1|0 overrides None
+    fp16: bool | None = None
     evaluate: bool = True
     # With BatchNorm a far too large learning rate seldom gives NaN: it throws the net to
     # worse than chance and keeps it there. So a run also counts as diverged when, after
@@ -176,6 +180,8 @@ class TrainConfig:
             )
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("choose one of bf16 and fp16 autocast, not both")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -243,15 +249,30 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """A CUDA GPU's compute capability, (major, minor); None without a driver or device."""
+    try:
+        return tuple(torch.cuda.get_device_capability(device))
+    except (RuntimeError, AssertionError, ValueError):  # no driver, no such device
+        return None
+
+
 def cuda_has_native_bf16(device: torch.device) -> bool:
     """Whether a CUDA GPU has bf16 arithmetic in hardware: compute capability 8.0 or later
     (A100, H100, L4, RTX 30xx and newer). Colab's free T4 (7.5), a V100 (7.0) or a P100 only
     emulate it, which is no faster than float32 (torch.cuda.is_bf16_supported() says yes to
     them: it counts emulation)."""
-    try:
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    except (RuntimeError, AssertionError, ValueError):  # no driver, no such device
-        return False
+    cap = cuda_capability(device)
+    return cap is not None and cap >= (8, 0)
+
+
+def cuda_fp16_only(device: torch.device) -> bool:
+    """Whether a CUDA GPU has float16 tensor cores but no bf16 hardware: compute capability
+    7.x (V100, Colab's free T4, RTX 20xx). There float16 autocast runs the convolutions on
+    the tensor cores, which float32 and emulated bf16 leave idle (a T4: 65 TFLOPS in
+    float16 against 8 in float32, by NVIDIA's figures)."""
+    cap = cuda_capability(device)
+    return cap is not None and (7, 0) <= cap < (8, 0)
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -262,25 +283,116 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and cpu_has_native_bf16()
 
 
+def _env_flag(name: str) -> bool | None:
+    env = os.environ.get(name, "")
+    return env not in ("0", "false", "no") if env else None
+
+
 def use_bf16(c: TrainConfig, device: torch.device) -> bool:
-    """Whether a run trains under bfloat16 autocast: ``c.bf16`` where set, else
-    LESSONS_BF16=1|0, else on a GPU with bf16 hardware (native_bf16), and on a CPU with it
-    where the run's profile allows it (``Profile.cpu_bf16``: the cpu profile does; the ci
-    profile keeps float32, so that the tests see the same numbers on every CPU). Never on
-    other devices (MPS)."""
+    """Whether a run trains under bfloat16 autocast: ``c.bf16`` where set, else not where
+    ``c.fp16`` is, else LESSONS_BF16=1|0, else on a GPU with bf16 hardware (native_bf16),
+    and on a CPU with it where the run's profile allows it (``Profile.cpu_bf16``: the cpu
+    profile does; the ci profile keeps float32, so that the tests see the same numbers on
+    every CPU). Never on other devices (MPS)."""
     if c.bf16 is not None:
         return c.bf16
-    env = os.environ.get("LESSONS_BF16", "")
-    if env:
-        return env not in ("0", "false", "no")
+    if c.fp16:
+        return False
+    env = _env_flag("LESSONS_BF16")
+    if env is not None:
+        return env
     if not native_bf16(device):
         return False
     return device.type == "cuda" or (bool(c.profile) and get_profile(c.profile).cpu_bf16)
 
 
+def use_fp16(c: TrainConfig, device: torch.device) -> bool:
+    """Whether a run trains under float16 autocast with dynamic loss scaling: ``c.fp16``
+    where set, else not where the run uses bf16 (use_bf16), else LESSONS_FP16=1|0, else on
+    a GPU with float16 tensor cores and no bf16 hardware (cuda_fp16_only). Float16's range
+    ends at 65,504 and its small gradients round to zero, so the loss is scaled up before
+    the backward pass and the gradients back down (torch.amp.GradScaler); a step whose
+    gradients overflowed is skipped and the scale halved."""
+    if c.fp16 is not None:
+        return c.fp16
+    if use_bf16(c, device):
+        return False
+    env = _env_flag("LESSONS_FP16")
+    if env is not None:
+        return env
+    return device.type == "cuda" and cuda_fp16_only(device)
+
+
+def autocast_dtype(c: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The dtype a run's forward pass is autocast to: bfloat16, float16 or None (float32)."""
+    if use_bf16(c, device):
+        return torch.bfloat16
+    return torch.float16 if use_fp16(c, device) else None
+
+
 def precision(c: TrainConfig, device: torch.device) -> str:
-    """How a run computes, in words: "bf16 autocast" or "float32" (see use_bf16)."""
-    return "bf16 autocast" if use_bf16(c, device) else "float32"
+    """How a run computes, in words (see use_bf16 and use_fp16)."""
+    return {
+        torch.bfloat16: "bf16 autocast",
+        torch.float16: "fp16 autocast, loss scaling",
+        None: "float32",
+    }[autocast_dtype(c, device)]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """torch.autocast to ``dtype`` on the device; off where dtype is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler of a float16 run (torch's defaults: 2**16 to start, halved on an
+    overflow, doubled after 2,000 steps without one)."""
+    return torch.amp.GradScaler(device.type)
+
+
+def forward_loss(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    dtype: torch.dtype | None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """The batch's mean cross-entropy, the forward pass autocast to ``dtype``, the loss
+    itself in float32."""
+    with autocast(x.device, dtype):
+        out = model(x)
+    return F.cross_entropy(out.float(), y, label_smoothing=label_smoothing)
+
+
+def backward_step(loss: torch.Tensor, opt, scaler: torch.amp.GradScaler | None = None) -> None:
+    """``loss.backward()`` and ``opt.step()``; with a scaler, the backward pass of the scaled
+    loss, then the scaler's step (gradients unscaled, the step skipped if any overflowed;
+    one host sync) and update."""
+    if scaler is None:
+        loss.backward()
+        opt.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+
+
+def backward_accumulate(
+    part: torch.Tensor, opt, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """``part.backward()`` and ``opt.accumulate()`` for one micro-batch of an optimizer that
+    keeps every micro-batch's gradient (InvariantAdamW). With a scaler each micro-batch is
+    one round of it: the scaled backward, the gradients unscaled before they are summed and
+    squared, the scale updated (no host sync); the optimizer skips a step whose sums are not
+    finite (``InvariantAdamW.skip_nonfinite``)."""
+    if scaler is None:
+        part.backward()
+        opt.accumulate()
+        return
+    scaler.scale(part).backward()
+    scaler.unscale_(opt)
+    opt.accumulate()
+    scaler.update()
 
 
 def lr_multiplier(c: TrainConfig, step: int, total: int) -> float:
@@ -300,14 +412,18 @@ def channels_last_on(device: torch.device) -> bool:
 
 
 def evaluate(
-    model: torch.nn.Module, ds: data_mod.Dataset, batch: int = 1000, autocast: bool = False
+    model: torch.nn.Module,
+    ds: data_mod.Dataset,
+    batch: int = 1000,
+    dtype: torch.dtype | None = None,
 ) -> tuple[float, float]:
-    """Validation loss and accuracy over the whole validation split (one host sync)."""
+    """Validation loss and accuracy over the whole validation split (one host sync), the
+    forward pass autocast to ``dtype`` (None: float32)."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), device=ds.device)
     correct = torch.zeros((), device=ds.device, dtype=torch.long)
-    with torch.no_grad(), torch.autocast(ds.device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.no_grad(), autocast(ds.device, dtype):
         for i in range(0, ds.val_x.shape[0], batch):
             x = data_mod.normalize(ds.val_x[i : i + batch])
             if channels_last_on(ds.device):
@@ -341,7 +457,8 @@ def train(
     device = ds.device
     c.check(ds.n_train)
     cuda = device.type == "cuda"
-    bf16 = use_bf16(c, device)
+    dtype = autocast_dtype(c, device)
+    scaler = grad_scaler(device) if dtype == torch.float16 else None
     if device.type == "cpu":
         keep_freed_memory()  # else every CPU step page-faults its activations in afresh
     channels_last = channels_last_on(device)
@@ -355,6 +472,9 @@ def train(
     groups = _param_groups(model, c.weight_decay)
     opt = OPTIMIZERS[c.optimizer](c, groups)
     record_trust = c.record_trust and hasattr(opt, "trust_ratios")
+    accumulates = hasattr(opt, "accumulate")  # keeps every micro-batch's gradient
+    if scaler is not None and isinstance(opt, InvariantAdamW):
+        opt.skip_nonfinite = True  # a micro-batch's overflow skips the step
     gen = torch.Generator(device=device).manual_seed(c.seed)
 
     n = ds.n_train
@@ -377,10 +497,11 @@ def train(
             f"images in epoch(s) {capped}: capped at {n:,}"
         )
     momentum = c.momentum if c.optimizer == "sgd" else 0.0
-    micro = c.micro_batch if c.micro_batch and hasattr(opt, "accumulate") else None
+    micro = c.micro_batch if c.micro_batch and accumulates else None
     vmapped = None
     use_vmap = c.micro_vmap if c.micro_vmap is not None else cuda
-    if micro and use_vmap and c.norm != "batch" and micro < c.batch:
+    # with fp16 the micro-batches loop: each is unscaled on its own (backward_accumulate)
+    if micro and use_vmap and scaler is None and c.norm != "batch" and micro < c.batch:
         # BatchNorm mixes the samples of a micro-batch with running statistics: loop instead
         from torch.func import functional_call, grad_and_value, vmap
 
@@ -493,7 +614,7 @@ def train(
                 opt.zero_grad(set_to_none=True)
                 if vmapped is not None:  # every micro-batch gradient in one pass
                     shape = (batch // micro, micro)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    with autocast(device, dtype):
                         grads, parts = vmapped(
                             {k: p.detach() for k, p in model.named_parameters()},
                             x.reshape(*shape, *x.shape[1:]),
@@ -501,26 +622,19 @@ def train(
                         )
                     opt.accumulate_many([grads[names_in_order[i]] for i in range(len(grads))])
                     loss = parts.mean()
-                elif micro:  # one backward per micro-batch, each gradient kept by accumulate()
-                    parts = []
-                    for j in range(0, batch, micro):
-                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                            out = model(x[j : j + micro])
-                        part = F.cross_entropy(
-                            out.float(), y[j : j + micro], label_smoothing=c.label_smoothing
-                        )
-                        part.backward()
-                        opt.accumulate()
+                    opt.step()
+                elif accumulates:  # a backward per micro-batch (else the whole batch as one)
+                    parts, chunk = [], micro or batch
+                    for j in range(0, batch, chunk):
+                        xj, yj = x[j : j + chunk], y[j : j + chunk]
+                        part = forward_loss(model, xj, yj, dtype, c.label_smoothing)
+                        backward_accumulate(part, opt, scaler)
                         parts.append(part.detach())
                     loss = torch.stack(parts).mean()
+                    opt.step()
                 else:
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        out = model(x)
-                    loss = F.cross_entropy(out.float(), y, label_smoothing=c.label_smoothing)
-                    loss.backward()
-                    if hasattr(opt, "accumulate"):
-                        opt.accumulate()  # the whole batch as one micro-batch
-                opt.step()
+                    loss = forward_loss(model, x, y, dtype, c.label_smoothing)
+                    backward_step(loss, opt, scaler)
                 step += 1
                 samples += batch
                 epoch_f = epoch + (i + 1) / steps_per_epoch
@@ -530,7 +644,7 @@ def train(
                     yield from flush()
             yield from flush()
             if c.evaluate:
-                vl, va = evaluate(model, ds, autocast=bf16)
+                vl, va = evaluate(model, ds, dtype=dtype)
                 found = c.on_epoch(model, ds, epoch) if c.on_epoch is not None else {}
                 yield Metrics(
                     step, samples, epoch_f, None, lr, batch, vl, va, kind="eval", extras=found
@@ -549,7 +663,10 @@ def train(
                     return
     except _Diverged:
         return
-    yield marker("done", seconds=time.perf_counter() - t_start)
+    done = {"seconds": time.perf_counter() - t_start}
+    if scaler is not None:  # where the loss scale ended: how far it had to back off
+        done["loss_scale"] = scaler.get_scale()
+    yield marker("done", **done)
 
 
 def _scheduled_batch(c: TrainConfig, epoch: int) -> int:
@@ -700,9 +817,7 @@ def warm_device(device: torch.device, profile: str | None = None) -> float:
         model = model.to(memory_format=torch.channels_last)
     x = torch.randn(c.batch, 3, c.size, c.size, generator=gen).to(device)
     y = torch.randint(0, 10, (c.batch,), generator=gen).to(device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(c, device)):
-        out = model(x)
-    loss = F.cross_entropy(out.float(), y)
+    loss = forward_loss(model, x, y, autocast_dtype(c, device))
     loss.backward()
     return loss.item()
 

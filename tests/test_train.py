@@ -101,6 +101,7 @@ def test_runs_repeat_bit_for_bit_on_cpu(shapes_ci):
         (dict(betas=(0.9, 1.0)), "betas"),
         (dict(optimizer="rmsprop"), "unknown optimizer"),
         (dict(norm="group"), "norm"),
+        (dict(bf16=True, fp16=True), "one of bf16 and fp16"),
     ],
 )
 def test_impossible_settings_raise_a_clear_value_error(shapes_ci, kw, match):
@@ -143,11 +144,117 @@ def test_use_bf16_follows_the_setting_the_environment_the_device_and_the_profile
     monkeypatch.setenv("LESSONS_BF16", "0")
     assert not T.use_bf16(on_ci, cuda)
     assert T.use_bf16(TrainConfig.from_profile("ci", bf16=True), cuda)  # the setting wins
-    # a GPU that only emulates bf16 (Colab's T4) trains in float32 unless asked otherwise
+    # a GPU that only emulates bf16 (Colab's T4) does not train in bf16 unless asked to
     monkeypatch.delenv("LESSONS_BF16")
     monkeypatch.setattr(T, "cuda_has_native_bf16", lambda device: False)
-    assert not T.use_bf16(on_ci, cuda) and T.precision(on_ci, cuda) == "float32"
+    assert not T.use_bf16(on_ci, cuda)
     assert T.use_bf16(TrainConfig.from_profile("ci", bf16=True), cuda)
+    assert not T.use_bf16(TrainConfig.from_profile("ci", fp16=True), cuda)  # asked for fp16
+
+
+@pytest.mark.parametrize(
+    "capability, dtype",
+    [
+        ((6, 1), None),  # a P100 or GTX 10xx: no tensor cores
+        ((7, 0), torch.float16),  # V100
+        ((7, 5), torch.float16),  # T4, RTX 20xx
+        ((8, 0), torch.bfloat16),  # A100
+        ((9, 0), torch.bfloat16),  # H100
+    ],
+)
+def test_gpus_with_float16_tensor_cores_and_no_bf16_train_in_loss_scaled_fp16(
+    monkeypatch, capability, dtype
+):
+    import lessons.train as T
+
+    for var in ("LESSONS_BF16", "LESSONS_FP16"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    gpu = TrainConfig.from_profile("gpu")
+    assert T.autocast_dtype(gpu, cuda) == dtype
+    words = {None: "float32", torch.float16: "fp16 autocast, loss scaling"}
+    assert T.precision(gpu, cuda) == words.get(dtype, "bf16 autocast")
+    # the settings win over the device: no bf16 on an H100 means float32, not fp16
+    assert T.autocast_dtype(TrainConfig.from_profile("gpu", bf16=False), cuda) in (
+        None,
+        torch.float16 if dtype == torch.float16 else None,
+    )
+    assert T.autocast_dtype(TrainConfig.from_profile("gpu", fp16=True), cuda) == torch.float16
+    assert T.autocast_dtype(TrainConfig.from_profile("gpu", fp16=False), cuda) == (
+        None if dtype == torch.float16 else dtype
+    )
+    monkeypatch.setenv("LESSONS_FP16", "0")
+    assert T.autocast_dtype(gpu, cuda) == (None if dtype == torch.float16 else dtype)
+    monkeypatch.setenv("LESSONS_FP16", "1")  # forced: on any device, unless bf16 is used
+    assert T.autocast_dtype(TrainConfig.from_profile("ci"), cpu) == torch.float16
+    assert T.autocast_dtype(gpu, cuda) == (dtype if dtype == torch.bfloat16 else torch.float16)
+    monkeypatch.setenv("LESSONS_BF16", "1")  # both asked for by the environment: bf16
+    assert T.autocast_dtype(gpu, cuda) == torch.bfloat16
+    monkeypatch.delenv("LESSONS_FP16")
+    monkeypatch.delenv("LESSONS_BF16")
+    assert T.autocast_dtype(TrainConfig.from_profile("ci"), cpu) is None  # no GPU: float32
+
+
+def test_fp16_autocast_with_loss_scaling_trains_repeats_and_says_so(shapes_ci):
+    a = run(ci(epochs=3, fp16=True), dataset=shapes_ci)
+    b = run(ci(epochs=3, fp16=True), dataset=shapes_ci)
+    f = run(ci(epochs=3), dataset=shapes_ci)
+    assert losses(a) == losses(b)  # repeatable bit for bit
+    assert losses(a) != losses(f)  # the forward pass really ran in float16
+    assert abs(losses(a)[0] - losses(f)[0]) < 0.01  # float16's rounding, from the same weights
+    ls = losses(a)
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.2
+    assert a[-1].extras["precision"] == "fp16 autocast, loss scaling"
+    # a healthy run overflows seldom, if ever (a step skipped, the scale halved, each time):
+    # none with 2 threads, one with 1 here; torch's GradScaler starts at 2**16
+    assert 2.0**12 <= a[-1].extras["loss_scale"] <= 2.0**16
+    assert "loss_scale" not in f[-1].extras
+    evals = [r for r in a if r.kind == "eval"]
+    assert all(math.isfinite(r.val_loss) for r in evals) and evals[-1].val_acc > 0.15
+
+
+FP16_RUNS = {
+    "sgd": dict(),
+    "lamb": dict(optimizer="lamb", lr=1e-2, record_trust=True),
+    "invariant-adamw, micro-batches": dict(
+        optimizer="invariant-adamw", lr=1e-3, micro_batch=16, norm="layer"
+    ),
+}
+
+
+@pytest.mark.parametrize("kw", FP16_RUNS.values(), ids=FP16_RUNS.keys())
+def test_fp16_steps_whose_gradients_overflow_leave_the_weights_and_the_scale_backs_off(
+    monkeypatch, shapes_ci, kw
+):
+    """A loss scale of 2**40 overflows float16 in the backward pass: each such step must be
+    skipped (the weights as the seed made them; without the skip, invariant AdamW's sums turn
+    the weights to NaN at step 2) and the scale halved until the gradients fit."""
+    import lessons.train as T
+
+    torch.manual_seed(0)  # the weights every run starts from (TrainConfig.seed 0)
+    start = dict(ci(**kw).model(len(shapes_ci.classes)).named_parameters())
+    seen = {}
+
+    def weights_after_two_steps(**scaler):
+        monkeypatch.setattr(
+            T, "grad_scaler", lambda device: torch.amp.GradScaler(device.type, **scaler)
+        )
+        keep = lambda m, ds, e: seen.update(m.named_parameters())  # noqa: E731
+        c = ci(fp16=True, max_steps=2, on_epoch=keep, **kw)
+        assert run(c, dataset=shapes_ci)[-1].kind == "done"
+        return {k: torch.equal(v.detach(), start[k].detach()) for k, v in seen.items()}
+
+    assert not any(weights_after_two_steps().values())  # torch's default scale: steps taken
+    unchanged = weights_after_two_steps(init_scale=2.0**40)
+    assert len(unchanged) == len(start) and all(unchanged.values())
+    whole = run(ci(fp16=True, **kw), dataset=shapes_ci)
+    assert whole[-1].kind == "done", whole[-1].extras.get("reason")
+    # halved at every overflow: it ends far below where it started (2**16 - 2**18 seen here)
+    assert whole[-1].extras["loss_scale"] <= 2.0**24
+    assert all(math.isfinite(v) for v in losses(whole))
+    ls = losses(whole)
+    assert sum(ls[-10:]) / 10 < sum(ls[:10]) / 10  # once the scale fits, it learns
 
 
 @pytest.mark.parametrize(
