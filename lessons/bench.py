@@ -8,9 +8,11 @@ Measured in the same run, on the same model, batch, optimizer and precision:
 - bare_img_per_s: the model alone (forward, backward, step on one batch already prepared on
   the device): ``ceiling_speedup`` = bare / baseline is the most any data path could reach,
   ``engine_over_bare`` what the engine's data path costs;
-- precision: the profile's default (lessons.train.use_bf16); where the device computes bf16
-  natively (CUDA, or a CPU with AVX512-BF16 / AMX), the engine in float32 and under bf16
-  autocast (``engine_fp32_img_per_s``, ``engine_bf16_img_per_s``, ``bf16_speedup``);
+- precision: the profile's default (lessons.train.autocast_dtype); where the device computes
+  bf16 natively (CUDA 8.0+, or a CPU with AVX512-BF16 / AMX), the engine in float32 and under
+  bf16 autocast (``engine_fp32_img_per_s``, ``engine_bf16_img_per_s``, ``bf16_speedup``); on
+  a GPU with float16 tensor cores only (a T4, a V100), float32 against loss-scaled fp16
+  autocast (``engine_fp16_img_per_s``, ``fp16_speedup``);
 - micro_*: invariant AdamW with 8 micro-batches per batch (LayerNorm model), one backward per
   micro-batch against all micro-batch gradients in one torch.func (vmap) pass;
 - lamb_*: the engine with LAMB, its trust ratios recorded (as lesson 3 trains it), against
@@ -59,7 +61,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from lessons import data
@@ -70,12 +71,16 @@ from lessons.train import (
     OPTIMIZERS,
     TrainConfig,
     _param_groups,
+    autocast_dtype,
+    backward_step,
+    cuda_fp16_only,
+    forward_loss,
     free_openmp_threads,
+    grad_scaler,
     native_bf16,
     precision,
     train,
     train_many,
-    use_bf16,
     warm_up,
 )
 
@@ -115,15 +120,18 @@ def _model_and_optimizer(config: TrainConfig, device: torch.device, classes: int
     return model, OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
 
 
-def _step(model, opt, x, y, bf16: bool) -> torch.Tensor:
+def _step(model, opt, x, y, dtype, scaler=None) -> torch.Tensor:
     """One training step as the engine takes it; the loss, on the device."""
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = model(x)
-    loss = F.cross_entropy(out.float(), y)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    loss = forward_loss(model, x, y, dtype)
+    backward_step(loss, opt, scaler)
     return loss
+
+
+def _precision_of(config: TrainConfig, device: torch.device):
+    """The autocast dtype of the config's runs, and a loss scaler where it is float16."""
+    dtype = autocast_dtype(config, device)
+    return dtype, grad_scaler(device) if dtype == torch.float16 else None
 
 
 def baseline_img_per_s(
@@ -141,13 +149,13 @@ def baseline_img_per_s(
     )
     model, opt = _model_and_optimizer(config, device)  # as the engine, so only data differs
     cuda = device.type == "cuda"
-    bf16 = use_bf16(config, device)
+    dtype, scaler = _precision_of(config, device)
     done, t0 = 0, None
     while done < warmup + steps:
         for x, y in loader:
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
-            loss = _step(model, opt, x, y, bf16)
+            loss = _step(model, opt, x, y, dtype, scaler)
             done += 1
             if done == warmup:
                 if cuda:
@@ -166,7 +174,7 @@ def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: in
     the ceiling of ``speedup``, and engine / bare what the engine's data path costs."""
     device = ds.device
     cuda = device.type == "cuda"
-    bf16 = use_bf16(config, device)
+    dtype, scaler = _precision_of(config, device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     idx = torch.randperm(ds.n_train, generator=gen, device=device)[: config.batch]
     x = data.augment(data.normalize(ds.train_x[idx]), gen)
@@ -178,7 +186,7 @@ def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: in
             if cuda:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        loss = _step(model, opt, x, y, bf16)
+        loss = _step(model, opt, x, y, dtype, scaler)
     loss.item()
     return steps * config.batch / (time.perf_counter() - t0)
 
@@ -376,14 +384,16 @@ def run_bench(
     engine_img_per_s(replace(timed, max_steps=4 * warmup), ds)  # warm up
     engine = statistics.median(engine_img_per_s(timed, ds) for _ in range(3))
     bare = statistics.median(bare_img_per_s(timed, ds, steps) for _ in range(3))
-    # float32 against bf16 autocast, where the device computes bf16 natively
+    # float32 against the autocast this device computes faster: bf16 where it has bf16
+    # hardware, fp16 (loss-scaled) on a GPU with float16 tensor cores only
     bf16_native = native_bf16(device)
+    fp16_only = device.type == "cuda" and cuda_fp16_only(device)
+    fast = "bf16" if bf16_native else "fp16" if fp16_only else None
     by_precision = {}
-    if bf16_native:
-        for bf in (False, True):
-            one = replace(timed, bf16=bf)
-            engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
-            by_precision[bf] = statistics.median(engine_img_per_s(one, ds) for _ in range(3))
+    for kind in ("fp32", fast) if fast else ():
+        one = replace(timed, bf16=kind == "bf16", fp16=kind == "fp16")
+        engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
+        by_precision[kind] = statistics.median(engine_img_per_s(one, ds) for _ in range(3))
     folder = data.ensure_extracted(Path(ds.extras["archive"]), ds.extras["root_name"])
     baseline = baseline_img_per_s(base, folder, device, steps, warmup, workers)
     # invariant Adam's micro-batches: a backward per micro-batch against one torch.func pass
@@ -452,11 +462,18 @@ def run_bench(
         "engine_over_bare": round(engine / bare, 3),
         "ceiling_speedup": round(bare / baseline, 2),
         "native_bf16": bf16_native,
-        "engine_fp32_img_per_s": round(by_precision[False], 1) if by_precision else None,
-        "engine_bf16_img_per_s": round(by_precision[True], 1) if by_precision else None,
-        "bf16_speedup": (
-            round(by_precision[True] / by_precision[False], 2) if by_precision else None
-        ),
+        **{
+            f"engine_{kind}_img_per_s": round(by_precision[kind], 1)
+            if kind in by_precision
+            else None
+            for kind in ("fp32", "bf16", "fp16")
+        },
+        **{
+            f"{kind}_speedup": round(by_precision[kind] / by_precision["fp32"], 2)
+            if kind in by_precision
+            else None
+            for kind in ("bf16", "fp16")
+        },
         "micro_loop_img_per_s": round(micro_rates[False], 1),
         "micro_vmap_img_per_s": round(micro_rates[True], 1),
         "micro_vmap_speedup": round(micro_rates[True] / micro_rates[False], 2),
