@@ -8,7 +8,7 @@ Measured in the same run, on the same model, batch, optimizer and precision:
 - bare_img_per_s: the model alone (forward, backward, step on one batch already prepared on
   the device): ``ceiling_speedup`` = bare / baseline is the most any data path could reach,
   ``engine_over_bare`` what the engine's data path costs;
-- precision: the profile's default (lessons.train.autocast_dtype); where the device computes
+- precision: the profile's default (lessons.train.autocast_and_scaler); where the device computes
   bf16 natively (CUDA 8.0+, or a CPU with AVX512-BF16 / AMX), the engine in float32 and under
   bf16 autocast (``engine_fp32_img_per_s``, ``engine_bf16_img_per_s``, ``bf16_speedup``); on
   a GPU with float16 tensor cores only (a T4, a V100), float32 against loss-scaled fp16
@@ -71,12 +71,11 @@ from lessons.train import (
     OPTIMIZERS,
     TrainConfig,
     _param_groups,
-    autocast_dtype,
+    autocast_and_scaler,
     backward_step,
     cuda_fp16_only,
     forward_loss,
     free_openmp_threads,
-    grad_scaler,
     native_bf16,
     precision,
     train,
@@ -128,12 +127,6 @@ def _step(model, opt, x, y, dtype, scaler=None) -> torch.Tensor:
     return loss
 
 
-def _precision_of(config: TrainConfig, device: torch.device):
-    """The autocast dtype of the config's runs, and a loss scaler where it is float16."""
-    dtype = autocast_dtype(config, device)
-    return dtype, grad_scaler(device) if dtype == torch.float16 else None
-
-
 def baseline_img_per_s(
     config: TrainConfig, folder, device: torch.device, steps: int, warmup: int, workers: int
 ) -> float:
@@ -149,7 +142,7 @@ def baseline_img_per_s(
     )
     model, opt = _model_and_optimizer(config, device)  # as the engine, so only data differs
     cuda = device.type == "cuda"
-    dtype, scaler = _precision_of(config, device)
+    dtype, scaler = autocast_and_scaler(config, device)
     done, t0 = 0, None
     while done < warmup + steps:
         for x, y in loader:
@@ -174,7 +167,7 @@ def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: in
     the ceiling of ``speedup``, and engine / bare what the engine's data path costs."""
     device = ds.device
     cuda = device.type == "cuda"
-    dtype, scaler = _precision_of(config, device)
+    dtype, scaler = autocast_and_scaler(config, device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     idx = torch.randperm(ds.n_train, generator=gen, device=device)[: config.batch]
     x = data.augment(data.normalize(ds.train_x[idx]), gen)
@@ -387,8 +380,7 @@ def run_bench(
     # float32 against the autocast this device computes faster: bf16 where it has bf16
     # hardware, fp16 (loss-scaled) on a GPU with float16 tensor cores only
     bf16_native = native_bf16(device)
-    fp16_only = device.type == "cuda" and cuda_fp16_only(device)
-    fast = "bf16" if bf16_native else "fp16" if fp16_only else None
+    fast = "bf16" if bf16_native else "fp16" if cuda_fp16_only(device) else None
     by_precision = {}
     for kind in ("fp32", fast) if fast else ():
         one = replace(timed, bf16=kind == "bf16", fp16=kind == "fp16")

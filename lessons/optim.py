@@ -306,11 +306,9 @@ class InvariantAdamW(torch.optim.Optimizer):
             for key in ("grad_sum", "grad_sq_sum")
         ]
 
-    def _sums_finite(self) -> bool:
-        """Whether no running sum holds an inf or NaN (one host sync)."""
-        sums = self._sum_tensors()
-        if not sums:
-            return True
+    @staticmethod
+    def _all_finite(sums: list[torch.Tensor]) -> bool:
+        """Whether none of ``sums`` (at least one) holds an inf or NaN (one host sync)."""
         return bool(torch.stack(torch._foreach_norm(sums, math.inf)).isfinite().all())
 
     @torch.no_grad()
@@ -347,8 +345,9 @@ class InvariantAdamW(torch.optim.Optimizer):
                 "and then opt.accumulate() for every micro-batch, then opt.step()"
             )
         k = self.micro_batches
-        if self.skip_nonfinite and not self._sums_finite():
-            torch._foreach_zero_(self._sum_tensors())
+        everything = self._sum_tensors() if self.skip_nonfinite else []
+        if everything and not self._all_finite(everything):
+            torch._foreach_zero_(everything)
             self.micro_batches = 0
             self.skipped_steps += 1
             return loss

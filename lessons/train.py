@@ -250,7 +250,10 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int] | None:
-    """A CUDA GPU's compute capability, (major, minor); None without a driver or device."""
+    """A CUDA GPU's compute capability, (major, minor); None for another device, or without
+    a driver."""
+    if device.type != "cuda":
+        return None
     try:
         return tuple(torch.cuda.get_device_capability(device))
     except (RuntimeError, AssertionError, ValueError):  # no driver, no such device
@@ -320,7 +323,7 @@ def use_fp16(c: TrainConfig, device: torch.device) -> bool:
     env = _env_flag("LESSONS_FP16")
     if env is not None:
         return env
-    return device.type == "cuda" and cuda_fp16_only(device)
+    return cuda_fp16_only(device)
 
 
 def autocast_dtype(c: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -348,6 +351,14 @@ def grad_scaler(device: torch.device) -> torch.amp.GradScaler:
     """The loss scaler of a float16 run (torch's defaults: 2**16 to start, halved on an
     overflow, doubled after 2,000 steps without one)."""
     return torch.amp.GradScaler(device.type)
+
+
+def autocast_and_scaler(
+    c: TrainConfig, device: torch.device
+) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
+    """A run's autocast dtype (autocast_dtype) and, where it is float16, its loss scaler."""
+    dtype = autocast_dtype(c, device)
+    return dtype, grad_scaler(device) if dtype == torch.float16 else None
 
 
 def forward_loss(
@@ -457,8 +468,7 @@ def train(
     device = ds.device
     c.check(ds.n_train)
     cuda = device.type == "cuda"
-    dtype = autocast_dtype(c, device)
-    scaler = grad_scaler(device) if dtype == torch.float16 else None
+    dtype, scaler = autocast_and_scaler(c, device)
     if device.type == "cpu":
         keep_freed_memory()  # else every CPU step page-faults its activations in afresh
     channels_last = channels_last_on(device)
