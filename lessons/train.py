@@ -113,6 +113,11 @@ class TrainConfig:
     # optimizer state stay float32). None: see use_fp16 (on a GPU with float16 tensor cores
     # and no bf16 hardware: Colab's T4, a V100); LESSONS_FP16=1|0 overrides None
     fp16: bool | None = None
+    # torch's fused kernels for SGD, Adam and AdamW (one kernel a step per group where the
+    # default loops or issues a few per tensor; under loss scaling they unscale and skip an
+    # overflowed step on the device, without the host sync of GradScaler's other path).
+    # None: wherever they run (use_fused); LESSONS_FUSED=1|0 overrides None
+    fused: bool | None = None
     evaluate: bool = True
     # With BatchNorm a far too large learning rate seldom gives NaN: it throws the net to
     # worse than chance and keeps it there. So a run also counts as diverged when, after
@@ -195,16 +200,61 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+@functools.cache
+def fused_runs(cls: type, device_type: str) -> bool:
+    """Whether torch optimizer ``cls`` (SGD, Adam, AdamW) takes a fused step on this kind of
+    device with this torch: one tried step on a one-element tensor (the fused kernels came
+    to CUDA and the CPU in different torch releases; elsewhere none may exist)."""
+    try:
+        w = torch.zeros(1, device=device_type, requires_grad=True)
+        w.grad = torch.ones_like(w)
+        cls([w], lr=0.1, fused=True).step()
+    # AssertionError: torch without CUDA, asked for a CUDA tensor
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError):
+        return False
+    return True
+
+
+def use_fused(c: TrainConfig, cls: type, device: torch.device) -> bool:
+    """Whether a run's torch optimizer takes fused steps: ``c.fused`` where set, else
+    LESSONS_FUSED=1|0, else on a GPU or CPU where the kernel runs (fused_runs; MPS keeps
+    torch's default, untested here). On 2 CPU cores an AdamW step of the cpu profile's model
+    took 0.34 ms fused against 1.55 ms by default, SGD's 0.15 against 0.37; the gpu model's
+    AdamW step 1.0 against 5.8 ms (BENCHMARKS.md).
+
+    Never SGD under float16 loss scaling, whatever is asked: torch's fused SGD kernel leaves
+    an overflowed first step's momentum buffer uninitialised (``torch.empty``) where it
+    should skip the step, and the run turns to NaN some steps later (found by this
+    package's tests; also LibreYOLO PR 771 on CUDA). Fused Adam and AdamW skip such a step
+    exactly as the unfused ones do."""
+    if cls is torch.optim.SGD and use_fp16(c, device):
+        return False
+    if c.fused is not None:
+        return c.fused
+    env = _env_flag("LESSONS_FUSED")
+    if env is not None:
+        return env
+    return device.type in ("cuda", "cpu") and fused_runs(cls, device.type)
+
+
+def _torch_optimizer(cls: type, c: TrainConfig, groups, **options):
+    """A torch optimizer over ``groups``, fused where use_fused says so."""
+    device = next(p.device for g in groups for p in g["params"])
+    if use_fused(c, cls, device):
+        options["fused"] = True
+    return cls(groups, lr=c.lr, **options)
+
+
 def _sgd(c: TrainConfig, groups):
-    return torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov)
+    return _torch_optimizer(torch.optim.SGD, c, groups, momentum=c.momentum, nesterov=c.nesterov)
 
 
 def _adam(c: TrainConfig, groups):
-    return torch.optim.Adam(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+    return _torch_optimizer(torch.optim.Adam, c, groups, betas=tuple(c.betas), eps=c.eps)
 
 
 def _adamw(c: TrainConfig, groups):
-    return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps)
+    return _torch_optimizer(torch.optim.AdamW, c, groups, betas=tuple(c.betas), eps=c.eps)
 
 
 def _lamb(c: TrainConfig, groups):
@@ -802,9 +852,10 @@ def warm_up() -> None:
     the first torch optimizer built imports torch._dynamo (1.8 - 2.2 s on 2 cores; the first
     run's first loss point came after 2.0 s, the second run's after 0.03 s); on a GPU,
     warm_device. LiveRun calls this in a background thread when it is built, so the first
-    slider move answers at once."""
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    slider move answers at once. The first optimizer is built in fused_runs, which also
+    tries SGD's fused step on the device."""
     device = pick_device()
+    fused_runs(torch.optim.SGD, device.type if device.type in ("cuda", "cpu") else "cpu")
     if device.type == "cuda":
         try:
             warm_device(device)

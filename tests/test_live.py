@@ -512,7 +512,7 @@ def test_building_a_live_run_does_the_first_runs_lazy_imports_ahead_in_the_backg
 import sys, threading
 import ipywidgets as W
 import torch
-from lessons.train import TrainConfig
+from lessons.train import OPTIMIZERS, TrainConfig
 from widgets.live import LiveRun
 
 assert "torch._dynamo" not in sys.modules, "nothing left to warm up"
@@ -523,7 +523,9 @@ for t in threading.enumerate():
     if t.name == "lessons-warm-up":
         t.join(60)
 before = set(sys.modules)
-torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)  # what a first run does
+w = torch.zeros(1, requires_grad=True)
+w.grad = torch.ones_like(w)
+OPTIMIZERS["sgd"](TrainConfig(), [{"params": [w]}]).step()  # what a first run does
 print(sorted(set(sys.modules) - before))
 """
     out = subprocess.run(

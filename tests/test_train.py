@@ -216,6 +216,7 @@ def test_fp16_autocast_with_loss_scaling_trains_repeats_and_says_so(shapes_ci):
 
 FP16_RUNS = {
     "sgd": dict(),
+    "adamw, fused": dict(optimizer="adamw", lr=1e-3, fused=True),
     "lamb": dict(optimizer="lamb", lr=1e-2, record_trust=True),
     "invariant-adamw, micro-batches": dict(
         optimizer="invariant-adamw", lr=1e-3, micro_batch=16, norm="layer"
@@ -255,6 +256,76 @@ def test_fp16_steps_whose_gradients_overflow_leave_the_weights_and_the_scale_bac
     assert all(math.isfinite(v) for v in losses(whole))
     ls = losses(whole)
     assert sum(ls[-10:]) / 10 < sum(ls[:10]) / 10  # once the scale fits, it learns
+
+
+def test_torch_optimizers_take_fused_steps_where_they_run_and_sgd_never_under_loss_scaling(
+    monkeypatch,
+):
+    import lessons.train as T
+
+    monkeypatch.delenv("LESSONS_FUSED", raising=False)
+    for var in ("LESSONS_BF16", "LESSONS_FP16"):
+        monkeypatch.delenv(var, raising=False)
+    cpu, mps = torch.device("cpu"), torch.device("mps")
+    SGD, AdamW = torch.optim.SGD, torch.optim.AdamW
+    assert T.fused_runs(SGD, "cpu") and T.fused_runs(AdamW, "cpu")  # torch >= 2.4 on a CPU
+    assert T.use_fused(ci(), SGD, cpu) and T.use_fused(ci(), AdamW, cpu)
+    assert not T.use_fused(ci(), AdamW, mps)  # torch's own default there
+    assert not T.use_fused(ci(fused=False), AdamW, cpu) and T.use_fused(ci(fused=True), AdamW, mps)
+    monkeypatch.setenv("LESSONS_FUSED", "0")
+    assert not T.use_fused(ci(), AdamW, cpu) and T.use_fused(ci(fused=True), AdamW, cpu)
+    monkeypatch.delenv("LESSONS_FUSED")
+    # fused SGD would leave an overflowed step's momentum uninitialised: never under fp16
+    assert not T.use_fused(ci(fp16=True), SGD, cpu)
+    assert not T.use_fused(ci(fp16=True, fused=True), SGD, cpu)
+    assert T.use_fused(ci(fp16=True), AdamW, cpu)
+    # a torch (or device) without the kernel: the probe says no and the run is not fused
+    T.fused_runs.cache_clear()
+    try:
+        assert not T.fused_runs(SGD, "no-such-device")
+        with monkeypatch.context() as m:
+            m.setattr(T, "fused_runs", lambda cls, device_type: False)
+            assert not T.use_fused(ci(), AdamW, cpu)
+        model = torch.nn.Linear(2, 2)
+        opt = T.OPTIMIZERS["sgd"](ci(), T._param_groups(model, 0.0))
+        assert opt.defaults["fused"] is True
+        opt = T.OPTIMIZERS["sgd"](ci(fp16=True), T._param_groups(model, 0.0))
+        assert not opt.defaults["fused"]
+    finally:
+        T.fused_runs.cache_clear()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_a_fused_run_follows_the_unfused_one_to_rounding(shapes_ci, optimizer):
+    kw = dict(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 2e-3, max_steps=40)
+    fused, plain = (run(ci(fused=f, **kw), dataset=shapes_ci) for f in (True, False))
+    assert fused[-1].kind == plain[-1].kind == "done"
+    a, b = losses(fused), losses(plain)
+    # 40 steps: 2.4e-7 (SGD), 5.8e-4 (Adam), 5.3e-4 (AdamW) apart at most, on losses ~2.2
+    assert len(a) == len(b) == 40
+    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-3 * max(b)
+    assert a[-1] < a[0]
+
+
+def test_a_fused_optimizer_under_loss_scaling_skips_overflows_on_the_device(monkeypatch, shapes_ci):
+    """GradScaler's other path asks the host whether any gradient overflowed (one sync a
+    step, torch.amp.GradScaler._maybe_opt_step); a fused AdamW is handed the scale and the
+    overflow flag as tensors and never takes it. SGD (not fused under fp16) still does."""
+    calls = []
+    real = torch.amp.GradScaler._maybe_opt_step
+
+    def counted(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.amp.GradScaler, "_maybe_opt_step", counted)
+    assert (
+        run(ci(optimizer="adamw", lr=1e-3, fp16=True, max_steps=6), dataset=shapes_ci)[-1].kind
+        == "done"
+    )
+    assert calls == []
+    assert run(ci(fp16=True, max_steps=6), dataset=shapes_ci)[-1].kind == "done"
+    assert len(calls) == 6
 
 
 @pytest.mark.parametrize(
