@@ -18,6 +18,8 @@ Measured in the same run, on the same model, batch, optimizer and precision:
 - lamb_*: the engine with LAMB, its trust ratios recorded (as lesson 3 trains it), against
   AdamW on the same model: ``lamb_over_adamw``, what LAMB's per-tensor trust ratios cost
   (lessons.optim.Lamb steps every tensor of a group in one torch._foreach_* op per line);
+  ``fused_adamw_speedup``: AdamW with torch's fused step (``adamw_fused``: whether the run
+  used it, lessons.train.use_fused) against torch's default step;
 - first_point_s: from a start request to the first loss point of a new run (data warm);
 - cold_first_point_s / warmed_first_point_s: the same for the first run of a fresh process
   (its data loaded), without and after lessons.train.warm_up(), which a widget runs in the
@@ -80,6 +82,7 @@ from lessons.train import (
     precision,
     train,
     train_many,
+    use_fused,
     warm_up,
 )
 
@@ -404,8 +407,13 @@ def run_bench(
     short = replace(timed, max_steps=max(20, steps // 2) + 1)
     # lesson 3: LAMB with its trust ratios recorded, against AdamW on the same model
     by_optimizer = {}
-    for opt_name, extra in (("adamw", {}), ("lamb", dict(record_trust=True))):
-        one = replace(short, optimizer=opt_name, lr=1e-3, **extra)
+    # and AdamW's fused step (use_fused, the default on CUDA and CPU) against torch's default
+    for opt_name, extra in (
+        ("adamw", {}),
+        ("lamb", dict(record_trust=True)),
+        ("adamw-unfused", dict(fused=False)),
+    ):
+        one = replace(short, optimizer=opt_name.removesuffix("-unfused"), lr=1e-3, **extra)
         engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
         by_optimizer[opt_name] = engine_img_per_s(one, ds)
     # the main thread has trained above, so it holds OpenMP worker threads of its own
@@ -472,6 +480,9 @@ def run_bench(
         "adamw_img_per_s": round(by_optimizer["adamw"], 1),
         "lamb_img_per_s": round(by_optimizer["lamb"], 1),
         "lamb_over_adamw": round(by_optimizer["lamb"] / by_optimizer["adamw"], 2),
+        "adamw_fused": use_fused(short, torch.optim.AdamW, device),
+        "adamw_unfused_img_per_s": round(by_optimizer["adamw-unfused"], 1),
+        "fused_adamw_speedup": round(by_optimizer["adamw"] / by_optimizer["adamw-unfused"], 2),
         "thread_img_per_s": round(thread_as_is, 1),
         "thread_freed_img_per_s": round(thread_freed, 1),
         "thread_openmp_freed": freed,

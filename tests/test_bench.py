@@ -61,6 +61,9 @@ def test_bench_prints_one_json_object_with_ratios():
     assert abs(result["micro_vmap_speedup"] - micro) < 0.01
     lamb = result["lamb_img_per_s"] / result["adamw_img_per_s"]
     assert result["lamb_over_adamw"] == pytest.approx(lamb, abs=0.01)
+    assert result["adamw_fused"] is True  # torch's fused AdamW runs on a CPU (torch >= 2.4)
+    fused = result["adamw_img_per_s"] / result["adamw_unfused_img_per_s"]
+    assert result["fused_adamw_speedup"] == pytest.approx(fused, abs=0.01)
     assert result["profile"] == "ci" and result["steps"] == 6 and result["workers"] == 1
     assert 0 <= result["lesson_val_acc"] <= 1
     assert result["sweep_runs"] == 4
