@@ -219,8 +219,9 @@ def use_fused(c: TrainConfig, cls: type, device: torch.device) -> bool:
     """Whether a run's torch optimizer takes fused steps: ``c.fused`` where set, else
     LESSONS_FUSED=1|0, else on a GPU or CPU where the kernel runs (fused_runs; MPS keeps
     torch's default, untested here). On 2 CPU cores an AdamW step of the cpu profile's model
-    took 0.34 ms fused against 1.55 ms by default, SGD's 0.15 against 0.37; the gpu model's
-    AdamW step 1.0 against 5.8 ms (BENCHMARKS.md).
+    took 0.34 ms fused against 1.55 ms by default, SGD's 0.15 against 0.37, and of the gpu
+    profile's model 1.0 against 5.8 ms; whole runs gained 0 - 7% there (BENCHMARKS.md). On
+    a GPU it is one kernel per group where the default issues several.
 
     Never SGD under float16 loss scaling, whatever is asked: torch's fused SGD kernel leaves
     an overflowed first step's momentum buffer uninitialised (``torch.empty``) where it
