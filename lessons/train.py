@@ -200,6 +200,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+# the device types whose runs try torch's fused optimizer steps (use_fused)
+FUSED_DEVICE_TYPES = ("cuda", "cpu")
+
+
 @functools.cache
 def fused_runs(cls: type, device_type: str) -> bool:
     """Whether torch optimizer ``cls`` (SGD, Adam, AdamW) takes a fused step on this kind of
@@ -235,7 +239,7 @@ def use_fused(c: TrainConfig, cls: type, device: torch.device) -> bool:
     env = _env_flag("LESSONS_FUSED")
     if env is not None:
         return env
-    return device.type in ("cuda", "cpu") and fused_runs(cls, device.type)
+    return device.type in FUSED_DEVICE_TYPES and fused_runs(cls, device.type)
 
 
 def _torch_optimizer(cls: type, c: TrainConfig, groups, **options):
@@ -856,7 +860,7 @@ def warm_up() -> None:
     slider move answers at once. The first optimizer is built in fused_runs, which also
     tries SGD's fused step on the device."""
     device = pick_device()
-    fused_runs(torch.optim.SGD, device.type if device.type in ("cuda", "cpu") else "cpu")
+    fused_runs(torch.optim.SGD, device.type if device.type in FUSED_DEVICE_TYPES else "cpu")
     if device.type == "cuda":
         try:
             warm_device(device)
