@@ -296,15 +296,53 @@ def test_torch_optimizers_take_fused_steps_where_they_run_and_sgd_never_under_lo
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
-def test_a_fused_run_follows_the_unfused_one_to_rounding(shapes_ci, optimizer):
+def test_a_fused_step_follows_the_unfused_one_to_rounding(optimizer):
+    """Open loop: the same 40 random gradients go to a fused and an unfused optimizer over two
+    copies of the ci model's weights (both parameter groups, weight decay on). Nothing feeds
+    back, so the weights can differ only by the two kernels' rounding. Whole training runs
+    cannot show that: there a one-ulp difference grows with every step, at a rate that
+    depends on the CPU (on a 2-core Zen 1 a fused Adam run was 1e-2 away in loss after 40
+    steps, on a Zen 4 5.8e-4)."""
+    import copy
+
+    from lessons.train import OPTIMIZERS, _param_groups
+
+    kw = dict(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 2e-3, weight_decay=0.05)
+    torch.manual_seed(0)
+    model = ci(**kw).model(10)
+    twins = (copy.deepcopy(model), copy.deepcopy(model))
+    opts = [
+        OPTIMIZERS[optimizer](ci(fused=f, **kw), _param_groups(m, kw["weight_decay"]))
+        for f, m in zip((True, False), twins)
+    ]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults["fused"]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        for pair in zip(*(m.parameters() for m in twins)):
+            g = torch.randn(pair[0].shape, generator=gen)
+            for q in pair:
+                q.grad = g.clone()
+        for opt in opts:
+            opt.step()
+    moved = 0.0
+    for start, a, b in zip(model.parameters(), *(m.parameters() for m in twins)):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-7)
+        moved = max(moved, float((a - start).detach().abs().max()))
+    assert moved > 1e-2  # the steps were taken, not skipped
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_a_fused_run_trains_as_the_unfused_one_does(shapes_ci, optimizer):
+    """In the engine the two runs start together and part only as rounding grows: the first
+    steps agree, and after 40 steps their losses are as low as each other's."""
     kw = dict(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 2e-3, max_steps=40)
     fused, plain = (run(ci(fused=f, **kw), dataset=shapes_ci) for f in (True, False))
     assert fused[-1].kind == plain[-1].kind == "done"
     a, b = losses(fused), losses(plain)
-    # 40 steps: 2.4e-7 (SGD), 5.8e-4 (Adam), 5.3e-4 (AdamW) apart at most, on losses ~2.2
     assert len(a) == len(b) == 40
-    assert max(abs(x - y) for x, y in zip(a, b)) < 2e-3 * max(b)
-    assert a[-1] < a[0]
+    assert max(abs(x - y) for x, y in zip(a[:3], b[:3])) < 1e-4
+    assert a[-1] < a[0] and b[-1] < b[0]
+    assert abs(sum(a[-10:]) - sum(b[-10:])) / 10 < 0.05
 
 
 def test_a_fused_optimizer_under_loss_scaling_skips_overflows_on_the_device(monkeypatch, shapes_ci):
