@@ -61,12 +61,32 @@ def test_lamb_against_adamw_trains_both_and_draws_trust_ratios():
     assert all(t["points"] == n_train for t in panel)
     assert "LAMB" in live.panel_figure.title()
     # a new setting: both runs again, the first pair fades
-    again = live.run_blocking(cap=None, timeout=300)
+    again = live.run_blocking(cap="off", timeout=300)
     shown = {t["uid"]: t for t in live.traces()}
     assert shown[f"{runs['LAMB'].id}:loss"]["opacity"] < 1.0
     assert shown[f"{again['LAMB'].id}:loss"]["opacity"] == 1.0
     cfg = live.make_config(live.values())
     assert cfg["LAMB"].opt_options["trust_clip"] is None
+    assert "cap=off" in again["LAMB"].label
+
+
+def test_choosing_no_cap_keeps_the_dropdown_showing_off():
+    """The browser sends the chosen option's index. An option whose value was None came back
+    as "nothing selected": the dropdown went blank (index None) though LAMB ran uncapped."""
+    ins = L.StepInspector()
+    ins.steps.value = 50  # by step 50 a ratio has reached the cap of 10 (16.7 uncapped)
+    capped = max(r["trust"] for r in ins.rows)
+    ins.cap.index = 0  # a student picks "off"
+    assert (ins.cap.index, ins.cap.label) == (0, "off")
+    assert max(r["trust"] for r in ins.rows) > capped == pytest.approx(10.0)
+    live = L.lamb_vs_adamw(renderer="matplotlib")
+    live.controls["cap"].index = 0
+    assert live.controls["cap"].label == "off"
+    values = live.values()
+    assert live.make_config(values)["LAMB"].opt_options["trust_clip"] is None
+    assert "cap=off" in live.label(values)
+    # runs logged before the change stored the value None for "off"
+    assert L.trust_clip(None) is None and L.trust_clip(10.0) == 10.0
 
 
 def test_all_variants_are_configs_of_the_one_optimizer():

@@ -128,6 +128,20 @@ def test_diverging_run_is_shown_and_the_widget_stays_usable(capfd):
     assert run.status == "done" and "Done" in live.status.value
 
 
+def test_a_control_offering_the_value_none_is_refused():
+    """ipywidgets shows a selection whose value is None as no selection at all: a control
+    with such an option would go blank when a student picks it (lesson 3's trust cap did)."""
+
+    def make(v):
+        return TrainConfig.from_profile("ci")
+
+    blank = W.Dropdown(options=(("off", None), ("10", 10.0)), value=10.0)
+    with pytest.raises(ValueError, match="'cap' offers the value None"):
+        LiveRun({"cap": blank}, make, name="none-option")
+    fine = W.Dropdown(options=(("off", "off"), ("10", 10.0)), value=10.0)
+    assert LiveRun({"cap": fine}, make, name="none-option").controls["cap"] is fine
+
+
 def test_impossible_setting_is_a_message_not_a_crash():
     live = make_live()
     assert live.run_blocking(batch=50_000, timeout=60) is None

@@ -15,7 +15,15 @@ from lessons.profiles import get_profile
 from lessons.train import TrainConfig, _param_groups
 from widgets.live import COLORS, STYLE, LiveRun, Trace, log_slider
 
-CAPS = (("off", None), ("1", 1.0), ("10", 10.0), ("100", 100.0))
+# "off" is a string, not None: ipywidgets reads a selection's value None as "nothing
+# selected", so choosing an option whose value is None blanked the dropdown (index None)
+CAPS = (("off", "off"), ("1", 1.0), ("10", 10.0), ("100", 100.0))
+
+
+def trust_clip(cap) -> float | None:
+    """The trust-cap dropdown's value as Lamb's ``trust_clip``: None (no cap) for "off" (and
+    for None, as runs logged before this change stored it)."""
+    return None if cap in (None, "off") else float(cap)
 
 
 class StepInspector:
@@ -83,7 +91,7 @@ class StepInspector:
         opt = Lamb(
             groups,
             lr=float(self.lr.value),
-            trust_clip=self.cap.value,
+            trust_clip=trust_clip(self.cap.value),
             centered=self.centered.value,
             eps_inside_sqrt=self.eps_inside.value,
         )
@@ -190,7 +198,7 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         )
         lamb = dict(optimizer="lamb", lr=float(v["lr"]), record_trust=True, eps=1e-6, **base)
         if v["variant"] == "as set here":
-            lambs = {"LAMB": dict(trust_clip=v["cap"], centered=bool(v["centered"]))}
+            lambs = {"LAMB": dict(trust_clip=trust_clip(v["cap"]), centered=bool(v["centered"]))}
         elif v["variant"] == "all variants":
             lambs = {f"LAMB {k}": dict(o) for k, o in LAMB_VARIANTS.items()}
         else:
@@ -205,7 +213,8 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         return configs
 
     def label(v: dict) -> str:
-        cap = "off" if v["cap"] is None else f"{v['cap']:g}"
+        clip = trust_clip(v["cap"])
+        cap = "off" if clip is None else f"{clip:g}"
         return f"batch={v['batch']}, lr={v['lr']:.3g}/{v['adamw_lr']:.3g}, wd={v['wd']:g}, " + (
             f"cap={cap}{', centered' if v['centered'] else ''}"
             if v["variant"] == "as set here"

@@ -104,6 +104,10 @@ DEFAULT_SERIES = (
 )
 
 
+# the controls that select one of their options (LiveRun refuses an option whose value is None)
+ONE_OF = (W.Dropdown, W.RadioButtons, W.Select, W.SelectionSlider, W.ToggleButtons)
+
+
 @dataclass
 class RunRecord:
     """A run's settings and records; what the figure draws and the run log stores."""
@@ -770,6 +774,14 @@ class LiveRun:
     ):
         self.name = name
         self.controls = dict(controls)
+        for key, control in self.controls.items():
+            if isinstance(control, ONE_OF) and None in control._options_values:
+                # ipywidgets reads a selection's value None as "nothing selected": picking
+                # that option blanks the control in the browser (widgets.lamb.CAPS)
+                raise ValueError(
+                    f"control {key!r} offers the value None, which ipywidgets shows as no "
+                    "selection: give that option another value (a string such as 'off')"
+                )
         self.make_config = make_config
         self.title = title
         self.label = label or (lambda v: ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()))
