@@ -325,8 +325,17 @@ def test_a_request_can_train_several_configs_side_by_side(monkeypatch, concurren
     assert all(opacity[f"{r.id}:loss"] < 1.0 for r in first.values())
     assert "small:" in live.status.value and "large:" in live.status.value
     assert len(live.log_path.read_text().splitlines()) == 4
-    # together or not, each run's records are the ones it gives on its own
-    alone = train_run(make_config({"lr": 0.02})["small"])
+    # together or not, each run's records are the ones it gives on its own with as many
+    # threads: side by side, each run computes with its share of them (train_many), and
+    # another thread count sums in another order (2e-7 apart by the fourth step, 2 threads)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // 2) if concurrent == "1" else threads)
+    try:
+        alone = train_run(make_config({"lr": 0.02})["small"])
+    finally:
+        torch.set_num_threads(threads)
     assert [r.loss for r in second["small"].records] == [r.loss for r in alone]
 
 
@@ -655,3 +664,25 @@ def test_a_figure_whose_view_applied_no_update_is_rebuilt_with_its_curves():
     new.last_draw -= 10
     new.fig._trace_edit_in_process = True
     assert new.deaf() and live._heal_deaf_figures() == 0
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.6])
+def test_mark_labels_get_room_under_the_plotly_title(scale):
+    """Lesson 1 labels a half-life and a window; the second label is lifted one row so close
+    marks stay legible, and at the old fixed margin it ran into the title. Plotly centres the
+    title in the top margin: its lower edge must stay above the labels' top."""
+    fig = live_mod.PlotlyFigure("steps", "weight")
+    fig.set_scale(scale)
+    line = live_mod.Trace("w", [0, 1, 2], [1.0, 0.5, 0.25])
+    tops = {}
+    for n in (0, 1, 2, 3):
+        marks = [live_mod.Mark(0.5 + 0.1 * i, f"mark {i}") for i in range(n)]
+        fig.draw([line], title="beta = 0.9: half-life 6.58 steps", marks=marks)
+        top = fig.fig.layout.margin.t
+        title_font = fig.fig.layout.title.font.size
+        mark_font = round(11 * scale)
+        rows = min(n, 2)
+        labels_top = (14 * scale * (rows - 1) + 1.3 * mark_font) if rows else 0
+        assert top / 2 - 0.4 * title_font >= labels_top, (n, top, labels_top)
+        tops[n] = top
+    assert tops[0] == live_mod.PlotlyFigure.TOP < tops[1] < tops[2] == tops[3]

@@ -269,6 +269,8 @@ class PlotlyFigure:
     # in JupyterLab with Chromium on 2 cores (BENCHMARKS.md)
     min_interval = 0.1
     max_interval = 0.5
+    TOP = 50  # px above the plot for the title; each row of mark labels adds MARK_ROW
+    MARK_ROW = 20
 
     def __init__(
         self,
@@ -287,7 +289,7 @@ class PlotlyFigure:
         self.fig = go.FigureWidget(base)
         self.fig.update_layout(
             height=height,
-            margin=dict(l=60, r=60, t=50, b=50),
+            margin=dict(l=60, r=60, t=self.TOP, b=50),
             legend=dict(orientation="h", y=-0.2),
             template="plotly_white",
             barmode="overlay",
@@ -419,6 +421,10 @@ class PlotlyFigure:
                     )
                     for i, m in enumerate(marks)
                 ]
+                # room above the plot for the labels' rows, under the title, which plotly
+                # centres in the top margin (as matplotlib's title is padded below)
+                rows = min(len(marks), 2)
+                fig.layout.margin.t = round(self.TOP + self.MARK_ROW * self.scale * rows)
                 self._marks = marks
             if fig.layout.title.text != title:
                 fig.layout.title.text = title
