@@ -22,6 +22,10 @@ def test_three_curves_gaps_and_the_x_toggle():
     runs = live.run_blocking(timeout=300)
     assert list(runs) == ["baseline (B=256)", "naive (b=32)", "lamb (b=32)"]
     base, naive, moved = runs.values()
+    # the legend says which batch each run used, and the baseline's does not read "batch=32"
+    assert base.label == "baseline (B=256): lamb, B=256 -> b=32, lr=0.02 at B, rule=lamb"
+    shown = {t["uid"]: t["name"] for t in live.traces()}
+    assert shown[f"{base.id}:loss"] == base.label and "batch=32" not in base.label
     cfg = live.make_config(live.values())
     assert cfg["lamb (b=32)"].lr == pytest.approx(0.02 / 8)
     assert cfg["lamb (b=32)"].betas == pytest.approx((0.9**0.125, 0.99**0.125))

@@ -686,3 +686,18 @@ def test_mark_labels_get_room_under_the_plotly_title(scale):
         assert top / 2 - 0.4 * title_font >= labels_top, (n, top, labels_top)
         tops[n] = top
     assert tops[0] == live_mod.PlotlyFigure.TOP < tops[1] < tops[2] == tops[3]
+
+
+def test_default_legend_label_names_ticked_boxes_and_leaves_out_unticked_ones():
+    """Lesson 4's runs each read "reference=False" in the legend; a box now shows by its name
+    when ticked and not at all when not."""
+    controls = {
+        "lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=0, continuous_update=False),
+        "milestones": W.IntRangeSlider(value=(2, 4), min=1, max=5, continuous_update=False),
+        "reference": W.Checkbox(value=False),
+    }
+    live = LiveRun(controls, lambda v: TrainConfig.from_profile("ci"), name="labels")
+    assert live.label(live.values()) == "lr=0.05, milestones=(2, 4)"
+    controls["reference"].value = True
+    assert live.label(live.values()) == "lr=0.05, milestones=(2, 4), reference"
+    assert live_mod.settings_label({"centered": False}) == "defaults"

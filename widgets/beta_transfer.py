@@ -139,10 +139,19 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
             f"{v['rule']} (b={b})": TrainConfig.from_profile(p.name, batch=b, **common, **moved),
         }
 
+    def label(v: dict) -> str:
+        # one label for the request's three runs, whose names say which batch each used (the
+        # default label said "batch=32" beside the baseline that trained at B)
+        return (
+            f"{v['optimizer']}, B={v['base_batch']} -> b={v['batch']}, "
+            f"lr={v['lr']:.3g} at B, rule={v['rule']}"
+        )
+
     return LiveRun(
         controls,
         make_config,
         name="02_beta_transfer",
+        label=label,
         summary=gap_summary,
         x_toggle=True,
         title=f"Carrying hyperparameters from batch B to b ({p.name} profile)",

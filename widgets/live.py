@@ -790,7 +790,7 @@ class LiveRun:
                 )
         self.make_config = make_config
         self.title = title
-        self.label = label or (lambda v: ", ".join(f"{k}={_fmt(x)}" for k, x in v.items()))
+        self.label = label or settings_label
         self.max_history = max_history
         self.series = tuple(series)
         self.view_controls = dict(view_controls or {})
@@ -1471,3 +1471,10 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.3g}"
     return str(x)
+
+
+def settings_label(values: dict) -> str:
+    """A run's settings for its legend entry: key=value each, a ticked box by its name alone
+    and an unticked one left out (lesson 4's legend said "reference=False" on every run)."""
+    parts = [k if isinstance(x, bool) else f"{k}={_fmt(x)}" for k, x in values.items()]
+    return ", ".join(p for p, x in zip(parts, values.values()) if x is not False) or "defaults"
