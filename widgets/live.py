@@ -20,6 +20,7 @@ import csv
 import html
 import io
 import json
+import math
 import os
 import signal
 import sys
@@ -231,6 +232,18 @@ def choose_renderer(kind: str | None = None) -> str:
     return "plotly"
 
 
+def legend_rows(names: Sequence[str], scale: float = 1.0, width: float = 640.0) -> int:
+    """How many rows a horizontal legend of these entries fills in ``width`` px: about 6.5 px
+    a character of its 12 px font and 40 px for the line's sample, packed as plotly does."""
+    rows, used = 0, width
+    for name in names:
+        w = (40 + 6.5 * len(name)) * scale
+        if used + w > width:
+            rows, used = rows + 1, 0.0
+        used += w
+    return rows
+
+
 @dataclass
 class Trace:
     """One curve or bar series, identified by ``uid`` across redraws."""
@@ -269,8 +282,15 @@ class PlotlyFigure:
     # in JupyterLab with Chromium on 2 cores (BENCHMARKS.md)
     min_interval = 0.1
     max_interval = 0.5
-    TOP = 50  # px above the plot for the title; each row of mark labels adds MARK_ROW
+    # the top margin: the title hangs TITLE_PAD px below the figure's top edge (1.2x its
+    # font high), plotly's subtitle (the data set) SUBTITLE_GAP px under it (both grow with the
+    # presenter scale), then a gap and a
+    # MARK_ROW for each row of mark labels (two rows at most), and never less than TOP
+    TOP = 50
+    TITLE_PAD = 10
+    SUBTITLE_GAP = 17
     MARK_ROW = 20
+    LEGEND_ROW = 19  # px a row of the horizontal legend takes (12 px font)
 
     def __init__(
         self,
@@ -290,7 +310,17 @@ class PlotlyFigure:
         self.fig.update_layout(
             height=height,
             margin=dict(l=60, r=60, t=self.TOP, b=50),
-            legend=dict(orientation="h", y=-0.2),
+            title=dict(
+                yref="container",
+                y=1,
+                yanchor="top",
+                pad=dict(t=self.TITLE_PAD),
+                font=dict(size=16),
+                subtitle=dict(font=dict(size=12)),
+            ),
+            # pinned to the figure's bottom edge, under the x axis' title whatever its rows
+            # (at y=-0.2 of the plot, a long legend ran over that title)
+            legend=dict(orientation="h", yref="container", y=0, yanchor="bottom"),
             template="plotly_white",
             barmode="overlay",
         )
@@ -307,8 +337,11 @@ class PlotlyFigure:
                 **(dict(tickmode="linear", tick0=0, dtick=0.2) if y2range == (0, 1) else {}),
             )
         self.widget = self.fig
+        self.height = height  # with a legend of one row; each further row adds LEGEND_ROW
         self._sent: dict[str, tuple] = {}
         self._marks: tuple = ()
+        self._title = ""
+        self._laid_out: tuple | None = None  # the marks the top margin was last sized for
         self.last_draw = 0.0  # perf_counter of the last draw(): see deaf()
         self.scale = 1.0  # presenter mode: larger fonts (lines are scaled by LiveRun)
 
@@ -317,7 +350,9 @@ class PlotlyFigure:
         with self.fig.batch_update():
             self.fig.layout.font.size = round(12 * scale)
             self.fig.layout.title.font.size = round(16 * scale)
+            self.fig.layout.title.subtitle.font.size = round(12 * scale)
         self._marks = ()  # mark labels are redrawn at the new size
+        self._laid_out = None  # and the title's margin is sized again
 
     def deaf(self, quiet: float = 4.5) -> bool:
         """Whether the browser has neither counted a view of this figure nor applied any of
@@ -421,13 +456,24 @@ class PlotlyFigure:
                     )
                     for i, m in enumerate(marks)
                 ]
-                # room above the plot for the labels' rows, under the title, which plotly
-                # centres in the top margin (as matplotlib's title is padded below)
-                rows = min(len(marks), 2)
-                fig.layout.margin.t = round(self.TOP + self.MARK_ROW * self.scale * rows)
                 self._marks = marks
-            if fig.layout.title.text != title:
-                fig.layout.title.text = title
+            if title != self._title or marks != self._laid_out:
+                # a long title ran past the figure's right edge and hid the data set's notice
+                # at its end: the lines after the first are plotly's subtitle, and the margin
+                # makes room for both and the mark labels (lesson 1's lifted label ran into
+                # the title). A second line in the title itself, after <br>, rose above the
+                # figure's top edge: plotly anchors a title's first line, not its block
+                first, *rest = title.split("\n")
+                fig.layout.title.text = first
+                fig.layout.title.subtitle.text = "<br>".join(map(html.escape, rest))
+                fig.layout.margin.t = self.top_margin(bool(rest), len(marks))
+                self._title, self._laid_out = title, marks
+            # the figure grows by the legend's rows, so that earlier runs replayed from the
+            # run log (a class shown last night's GPU runs) leave the plot its height
+            rows = legend_rows([t.name for t in traces if t.showlegend], self.scale)
+            height = self.height + round(max(0, rows - 1) * self.LEGEND_ROW * self.scale)
+            if fig.layout.height != height:
+                fig.layout.height = height
 
     def traces(self) -> list[dict]:
         return [
@@ -443,7 +489,14 @@ class PlotlyFigure:
         return [{"x": m.x, "label": m.label} for m in self._marks]
 
     def title(self) -> str:
-        return self.fig.layout.title.text or ""
+        return self._title
+
+    def top_margin(self, subtitle: bool, marks: int) -> int:
+        """Pixels above the plot for the title, its subtitle and ``marks`` labels' rows."""
+        s = self.scale
+        title = 1.2 * 16 * s + ((self.SUBTITLE_GAP + 1.2 * 12) * s if subtitle else 0)
+        rows = min(marks, 2)
+        return max(self.TOP, round(self.TITLE_PAD + title + 6 * s + self.MARK_ROW * s * rows))
 
     def font_size(self) -> float:
         return self.fig.layout.font.size or 12
@@ -475,6 +528,7 @@ class MatplotlibFigure:
         from matplotlib.figure import Figure
 
         self.fig = Figure(figsize=(8.5, height / 100), dpi=90, layout="constrained")
+        self.height = height  # without a legend: each legend row adds a line
         FigureCanvasAgg(self.fig)
         self.ax = self.fig.add_subplot()
         self.ax2 = self.ax.twinx() if y2label is not None else None
@@ -545,12 +599,27 @@ class MatplotlibFigure:
         ax.set_title(title, fontsize=fs + 1, pad=(26 if marks else 6) * self.scale)
         self._title = title
         ax.grid(alpha=0.3)
+        for old in list(self.fig.legends):
+            old.remove()
+        rows = 0
         if any(t.showlegend for t in traces):
             handles, labels = ax.get_legend_handles_labels()
             if ax2 is not None:
                 more = ax2.get_legend_handles_labels()
                 handles, labels = handles + more[0], labels + more[1]
-            ax.legend(handles, labels, loc="best", fontsize=fs - 1)
+            # under the plot, as plotly's: inside it, nine runs replayed from the run log
+            # covered half the curves (Colab draws with matplotlib)
+            rows = max(1, legend_rows(labels, self.scale, width=720))
+            self.fig.legend(
+                handles,
+                labels,
+                loc="outside lower center",
+                ncol=math.ceil(len(labels) / rows),
+                fontsize=fs - 1,
+                frameon=False,
+            )
+        # the figure grows by the legend's rows, so that the plot keeps its height
+        self.fig.set_figheight(self.height / 100 + rows * 1.45 * (fs - 1) / 72)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png")
         self.widget.value = buf.getvalue()
@@ -1059,7 +1128,8 @@ class LiveRun:
 
     def scene(self) -> tuple[list[Trace], str, list[Mark]]:
         """What the figure shows: a trace per run and series, the title and the marks."""
-        title = self.title + (f" - {self._subtitle}" if self._subtitle else "")
+        # the data set on a line of its own: at the end of one long line it ran off the figure
+        title = self.title + (f"\n{self._subtitle}" if self._subtitle else "")
         runs, view = list(self.runs), self.view()
         lw = 2.0 if self.presenter.value else 1.0
         traces = []
