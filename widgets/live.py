@@ -283,9 +283,9 @@ class PlotlyFigure:
     min_interval = 0.1
     max_interval = 0.5
     # the top margin: the title hangs TITLE_PAD px below the figure's top edge (1.2x its
-    # font high), plotly's subtitle (the data set) SUBTITLE_GAP px under it (both grow with the
-    # presenter scale), then a gap and a
-    # MARK_ROW for each row of mark labels (two rows at most), and never less than TOP
+    # font high), plotly's subtitle (the data set) SUBTITLE_GAP px under it, then a gap and a
+    # MARK_ROW for each row of mark labels (two rows at most; all but the pad grow with the
+    # presenter scale), and never less than TOP
     TOP = 50
     TITLE_PAD = 10
     SUBTITLE_GAP = 17
