@@ -716,8 +716,8 @@ def test_default_legend_label_names_ticked_boxes_and_leaves_out_unticked_ones():
 
 
 def test_a_long_legend_goes_under_the_plot_and_the_figure_grows_for_it():
-    """Replayed runs add a legend entry each: nine long ones squeezed plotly's plot to a
-    third of its height and ran over the x axis' title, and covered half of matplotlib's
+    """Replayed runs add a legend entry each: nine long ones squeezed plotly's plot to less
+    than half its height and ran over the x axis' title, and covered half of matplotlib's
     curves (Colab's renderer). Each legend row now adds height below the plot instead."""
     long = "baseline (B=256): lamb, B=256 -> b=32, lr=0.02 at B, rule=lamb (saved, cuda)"
     assert live_mod.legend_rows([long] * 9) == 9
