@@ -1,14 +1,17 @@
 """The noise in SGD: Smith & Le's noise scale, schedules that keep it, and B_simple.
 
-Smith & Le (2018): SGD with learning rate lr, batch B out of N samples and momentum m behaves
-like a noisy gradient flow with noise scale g = lr / (1 - m) * (N / B - 1). Decaying lr by k
-and growing B by k (for B << N) lower g alike, so "decay the learning rate" and "increase the
-batch size" (Smith, Kindermans, Ying & Le, 2018) are two ways of following one noise profile -
-the second with k times fewer parameter updates.
+Smith & Le (2018) write SGD on the mean loss with learning rate lr as a noisy gradient flow on
+the *summed* cost C = N L, whose time step is lr / N: matching the noise of a batch of B out of
+N samples gives the noise scale g = lr (N / B - 1), with momentum m g = lr / (1 - m) (N / B - 1)
+(``noise_scale``). On the mean loss itself, with time step lr, the same matching gives
+g / N: either way g is proportional to lr / B for B << N. Decaying lr by k and growing B by k
+lower g alike, so "decay the learning rate" and "increase the batch size" (Smith, Kindermans,
+Ying & Le, 2018) are two ways of following one noise profile, the second with k times fewer
+parameter updates.
 
 McCandlish, Kaplan, Amodei et al. (2018), "An empirical model of large-batch training": the
 simple noise scale B_simple = tr(Sigma) / |G|^2, estimated without bias from squared gradient
-norms measured at two batch sizes.
+norms measured at two batch sizes. Measuring them on a model is ``lessons.measure``'s job.
 """
 
 from __future__ import annotations
@@ -17,16 +20,13 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from lessons import data as data_mod
 from lessons.ema import ema
-from lessons.train import channels_last_on
 
 
 def noise_scale(lr: float, n: int, batch: int, momentum: float = 0.0) -> float:
-    """g = lr / (1 - momentum) * (n / batch - 1)."""
+    """Smith & Le's g = lr / (1 - momentum) * (n / batch - 1), in their convention of a summed
+    cost (a mean loss with time step lr gives g / n)."""
     for name, value in (("lr", lr), ("n", n), ("batch", batch)):
         if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
@@ -110,83 +110,34 @@ def simple_noise_scale(
     return trace / g2
 
 
-def measure_gradient_moments(
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    b_small: int,
-    b_big: int,
-    repeats: int = 8,
-    seed: int = 0,
-    beta: float | None = None,
+def momentum_batch(batch: int, n: int, momentum: float, new_momentum: float) -> int:
+    """The batch that keeps the noise scale when the momentum changes at the same lr: g grows
+    as 1 / (1 - m), so N/B' - 1 = (N/B - 1) (1 - m') / (1 - m): B proportional to 1 / (1 - m)
+    while B << N (Smith et al. 2018)."""
+    for name, m in (("momentum", momentum), ("new_momentum", new_momentum)):
+        if not 0 <= m < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {m!r}")
+    return matching_batch(batch, n, (1 - momentum) / (1 - new_momentum))
+
+
+def sgd_stationary_variance(
+    lr: float, batch: int, n: int, curvature: float = 1.0, steps: int = 20_000, seed: int = 0
 ) -> tuple[float, float]:
-    """(|G|^2, tr Sigma) of ``model`` at its current weights on the data (x, y) (x normalised
-    float), from squared norms of batch-mean gradients at two batch sizes.
-
-    Each of ``repeats`` random big batches is split into ``b_big // b_small`` small batches, a
-    backward each; the big batch's gradient is the mean of theirs (BatchNorm in eval mode, so
-    a batch's gradient is the mean of its samples'). Both sizes then see the same samples, and
-    the difference of their squared norms, which carries tr Sigma, is not drowned by the
-    |G|^2 the two share. Paired so, tr Sigma never comes out negative (a mean of squared
-    norms is never below the squared norm of the mean), where independent batches often
-    gave a negative one on a small CNN with 8 repeats."""
-    if not 0 < b_small < b_big or b_big % b_small:
-        raise ValueError(
-            f"need 0 < b_small < b_big with b_big a multiple of b_small, got {b_small}, {b_big}"
-        )
-    if b_big > len(x):
-        raise ValueError(f"b_big ({b_big}) is larger than the {len(x)} samples given")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.eval()  # BatchNorm in eval mode: a batch's gradient does not depend on its size
-    small, big = [], []
-    parts = b_big // b_small
-    try:
-        for _ in range(repeats):
-            idx = torch.randperm(len(x), generator=gen, device=x.device)[:b_big]
-            total, sq = None, 0.0
-            for part in idx.split(b_small):
-                grads = torch.autograd.grad(F.cross_entropy(model(x[part]), y[part]), params)
-                flat = torch.cat([g.float().flatten() for g in grads])
-                sq += float(flat.square().sum())
-                total = flat if total is None else total + flat
-            small.append(sq / parts)  # the mean squared norm of a small batch's gradient
-            big.append(float((total / parts).square().sum()))
-    finally:
-        model.train(was_training)
-    return gradient_moments(small, big, b_small, b_big, beta)
-
-
-def measure_simple_noise_scale(
-    model,
-    x,
-    y,
-    b_small: int,
-    b_big: int,
-    repeats: int = 8,
-    seed: int = 0,
-    beta: float | None = None,
-) -> float:
-    """B_simple = tr Sigma / |G|^2 of ``model`` at its current weights (see above)."""
-    g2, trace = measure_gradient_moments(model, x, y, b_small, b_big, repeats, seed, beta)
-    return float("inf") if g2 <= 0 else trace / g2
-
-
-def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> Callable:
-    """A TrainConfig.on_epoch hook: B_simple at the end of every epoch, measured on up to
-    ``n`` training images, reported as {"b_simple": value}."""
-
-    def probe(model, ds, epoch):
-        x = data_mod.normalize(ds.train_x[:n])
-        if channels_last_on(x.device):  # as the engine's batches
-            x = x.contiguous(memory_format=torch.channels_last)
-        return {
-            "b_simple": measure_simple_noise_scale(
-                model, x, ds.train_y[:n], b_small, b_big, repeats, seed=epoch
-            )
-        }
-
-    return probe
+    """SGD on N one-dimensional quadratics l_i = curvature / 2 (w - a_i)^2 (the a_i of mean 0
+    and variance 1), each step on the mean loss of a fresh batch drawn without replacement.
+    Returns (the variance of w about the minimum once stationary, the per-sample gradient
+    variance F at the minimum): the numbers a noise-scale formula must predict."""
+    if not 1 <= batch <= n:
+        raise ValueError(f"need 1 <= batch <= n, got batch {batch}, n {n}")
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n)
+    a = (a - a.mean()) / a.std()
+    picks = rng.random((steps, n)).argsort(axis=1)[:, :batch]
+    targets = a[picks].mean(axis=1)  # each step's batch-mean minimum
+    step = lr * curvature
+    w, path = 0.0, np.empty(steps)
+    for t, target in enumerate(targets):
+        w -= step * (w - target)
+        path[t] = w
+    burn = min(steps // 2, int(10 / step))
+    return float(path[burn:].var()), float(curvature**2 * a.var(ddof=1))

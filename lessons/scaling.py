@@ -2,17 +2,24 @@
 
 One step at batch b consumes b samples, so a per-step beta is a per-sample discount
 beta^(1/b). Keeping the half-life *in samples* when the batch goes from b to b' gives
-beta -> beta^(b'/b) (``scale_beta``). ``transfer`` applies a whole rule:
+beta -> beta^(b'/b) (``scale_beta``). ``transfer`` applies a whole rule, with
+k = to_batch / from_batch:
 
-- "lamb": betas -> beta^k, lr -> lr k, weight decay unchanged (LAMB's trust ratio fixes the
-  step length, so lambda w only has to stay of the order of m_hat / sqrt(v_hat));
-- "adam-sqrt" (Malladi et al. 2022, the square-root scaling rule for Adam): lr -> lr sqrt(k),
-  1 - beta -> k (1 - beta), eps -> eps / sqrt(k);
-- "sgd-linear": lr -> lr k, momentum kept;
-- "invariant-adam" (Wang & Aitchison): lr -> lr k, betas -> beta^k;
+- "lamb" (the "EMA and batch size" blog): keep every average's horizon in samples and the
+  step per sample: betas -> beta^k, lr -> k lr, weight decay unchanged. The decay stays under
+  the blog's *assumption* that Adam's direction r = m_hat / sqrt(v_hat) has the same size at
+  every batch; where gradient noise dominates, v_hat ~ mu^2 + sigma^2 / B falls with B and
+  ||r|| grows, so the same lambda weighs less in s = r + lambda w at a larger batch.
+  torch's SGD momentum is not an EMA (buf = m buf + g, no 1 - m factor: its step is
+  lr / (1 - m) per unit gradient), so there m -> m^k and lr -> k lr (1 - m^k) / (1 - m).
+- "adam-sqrt" (Malladi et al. 2022, the square-root scaling rule for Adam): lr -> sqrt(k) lr,
+  1 - beta -> k (1 - beta), eps -> eps / sqrt(k). The rule names no weight decay: AdamW's
+  decoupled decay (lr lambda w a step) then falls by sqrt(k) per sample.
+- "sgd-linear" (Goyal et al. 2017): lr -> k lr, momentum and betas kept.
+- "invariant-adam" (Wang & Aitchison 2024, for ``lessons.optim.InvariantAdamW``): lr -> k lr,
+  betas -> beta^k.
 
-with k = to_batch / from_batch. A momentum given with "lamb" or "invariant-adam" is an EMA
-coefficient too and is scaled like the betas.
+A rule meant for Adam's betas ("adam-sqrt", "invariant-adam") refuses SGD's momentum.
 
 ``python -m lessons.scaling --from-batch 256 --to-batch 1 --rule lamb --lr 1e-3 --beta1 0.9
 --beta2 0.99 --weight-decay 0.01`` prints the transferred settings with their half-lives.
@@ -28,6 +35,7 @@ import numpy as np
 from lessons.ema import half_life
 
 RULES = ("lamb", "adam-sqrt", "sgd-linear", "invariant-adam")
+ADAM_RULES = ("adam-sqrt", "invariant-adam")  # rules for Adam's betas only
 
 
 def _check_batch(name: str, b) -> float:
@@ -63,39 +71,54 @@ def _sqrt_rule_beta(beta: float, k: float) -> float:
     return 1 - one_minus
 
 
-def transfer(hparams: dict, from_batch: float, to_batch: float, rule: str) -> dict:
-    """The hyperparameters for ``to_batch`` under ``rule``; the same keys come back."""
+def momentum_lr_factor(momentum: float, k: float) -> float:
+    """The factor on lr that keeps torch SGD's step per sample when the batch grows k-fold
+    and the momentum keeps its horizon in samples (m -> m^k): the step per unit gradient is
+    lr / (1 - m) and must grow k-fold, so k (1 - m^k) / (1 - m) (k where m = 0)."""
+    if not (isinstance(momentum, int | float) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    return k * (1 - momentum**k) / (1 - momentum)
+
+
+def _check_hparams(hparams: dict, rule: str) -> None:
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}: use one of {', '.join(RULES)}")
-    k = _check_batch("to_batch", to_batch) / _check_batch("from_batch", from_batch)
     known = {"lr", "betas", "eps", "weight_decay", "momentum"}
     unknown = set(hparams) - known
     if unknown:
         raise ValueError(f"unknown hyperparameters {sorted(unknown)}: use {sorted(known)}")
+    if "momentum" in hparams and rule in ADAM_RULES:
+        raise ValueError(
+            f"the {rule!r} rule carries Adam's betas, not SGD's momentum: for SGD with "
+            "momentum use 'lamb' (same horizon and step per sample) or 'sgd-linear'"
+        )
+
+
+def transfer(hparams: dict, from_batch: float, to_batch: float, rule: str) -> dict:
+    """The hyperparameters for ``to_batch`` under ``rule``; the same keys come back."""
+    _check_hparams(hparams, rule)
+    k = _check_batch("to_batch", to_batch) / _check_batch("from_batch", from_batch)
     out = dict(hparams)
     if "betas" in out:
         out["betas"] = tuple(_check_beta(b) for b in out["betas"])
-    if "momentum" in out and rule != "sgd-linear":
-        _check_beta(out["momentum"])
     if rule in ("lamb", "invariant-adam"):
-        if "lr" in out:
-            out["lr"] = out["lr"] * k
         if "betas" in out:
             out["betas"] = tuple(b**k for b in out["betas"])
+        momentum = out.get("momentum", 0.0)
+        factor = momentum_lr_factor(momentum, k)
+        if "lr" in out:
+            out["lr"] = out["lr"] * factor
         if "momentum" in out:
-            out["momentum"] = out["momentum"] ** k
+            out["momentum"] = momentum**k
     elif rule == "adam-sqrt":
         if "lr" in out:
             out["lr"] = out["lr"] * math.sqrt(k)
         if "betas" in out:
             out["betas"] = tuple(_sqrt_rule_beta(b, k) for b in out["betas"])
-        if "momentum" in out:
-            out["momentum"] = _sqrt_rule_beta(out["momentum"], k)
         if "eps" in out:
             out["eps"] = out["eps"] / math.sqrt(k)
-    else:  # sgd-linear
-        if "lr" in out:
-            out["lr"] = out["lr"] * k
+    elif "lr" in out:  # sgd-linear
+        out["lr"] = out["lr"] * k
     return out
 
 
@@ -150,60 +173,45 @@ def per_sample_weights(beta: float, batch: int, n: int) -> np.ndarray:
     return (1 - beta) * beta ** (j // int(batch)) / batch
 
 
-def net_endpoints(x, y, lr: float, width: int = 8, seed: int = 0) -> float:
-    """On a small net (LayerNorm, so a sample's output does not depend on its batch): b = len(x)
-    SGD steps of batch 1 at ``lr`` against one step of batch b at ``b * lr`` from the same
-    start. Returns ||w_steps - w_big|| / ||w_big - w_0||: zero to first order in lr."""
-    import torch
-    import torch.nn.functional as F
-
-    from lessons.models import make_model
-
-    torch.manual_seed(seed)
-    start = make_model(10, width=width, depth=0, norm="layer").double()
-    x = x.double()
-    b = len(x)
-
-    def flat(model):
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
-
-    w0 = flat(start)
-    small = make_model(10, width=width, depth=0, norm="layer").double()
-    small.load_state_dict(start.state_dict())
-    for i in range(b):
-        small.zero_grad()
-        F.cross_entropy(small(x[i : i + 1]), y[i : i + 1]).backward()
-        with torch.no_grad():
-            for p in small.parameters():
-                p -= lr * p.grad
-    big = make_model(10, width=width, depth=0, norm="layer").double()
-    big.load_state_dict(start.state_dict())
-    F.cross_entropy(big(x), y).backward()  # the batch-mean gradient
-    with torch.no_grad():
-        for p in big.parameters():
-            p -= b * lr * p.grad
-    return float((flat(small) - flat(big)).norm() / (flat(big) - w0).norm())
-
-
 def table(hparams: dict, from_batch: float, to_batch: float, rule: str) -> str:
-    """A before/after table with half-lives in steps and in samples."""
+    """A before/after table: each setting once, an average's half-life in steps and in
+    samples, and for SGD's momentum its step per sample, lr / (1 - m) / batch."""
     after = transfer(hparams, from_batch, to_batch, rule)
+    k = to_batch / from_batch
     lines = [
-        f"rule {rule}: batch {from_batch:g} -> {to_batch:g} (k = {to_batch / from_batch:g})",
+        f"rule {rule}: batch {from_batch:g} -> {to_batch:g} (k = {k:g})",
         f"{'':14}{'before':>14}{'after':>14}",
     ]
-    for key in ("lr", "eps", "weight_decay", "momentum"):
+    for key in ("lr", "eps", "weight_decay"):
         if key in hparams:
             lines.append(f"{key:14}{hparams[key]:>14.6g}{after[key]:>14.6g}")
-    betas = list(zip(hparams.get("betas", ()), after.get("betas", ())))
-    if "momentum" in hparams and rule != "sgd-linear":
-        betas.append((hparams["momentum"], after["momentum"]))
-    for i, (b0, b1) in enumerate(betas):
-        name = f"beta{i + 1}" if i < len(hparams.get("betas", ())) else "momentum"
+    averages = [
+        (f"beta{i + 1}", b0, b1)
+        for i, (b0, b1) in enumerate(zip(hparams.get("betas", ()), after.get("betas", ())))
+    ]
+    if "momentum" in hparams:
+        averages.append(("momentum", hparams["momentum"], after["momentum"]))
+    for name, b0, b1 in averages:
         lines.append(f"{name:14}{b0:>14.6g}{b1:>14.6g}")
-        h0, h1 = half_life(b0), half_life(b1)
-        lines.append(f"{'  half-life':14}{h0:>11.4g} st{h1:>11.4g} st")
-        lines.append(f"{'  in samples':14}{h0 * from_batch:>14.6g}{h1 * to_batch:>14.6g}")
+        if b0 > 0 and b1 > 0:
+            h0, h1 = half_life(b0), half_life(b1)
+            lines.append(f"{'  half-life':14}{h0:>11.4g} st{h1:>11.4g} st")
+            lines.append(f"{'  in samples':14}{h0 * from_batch:>14.6g}{h1 * to_batch:>14.6g}")
+    if "momentum" in hparams and "lr" in hparams:
+        per_sample = [
+            lr / (1 - m) / b
+            for lr, m, b in (
+                (hparams["lr"], hparams["momentum"], from_batch),
+                (after["lr"], after["momentum"], to_batch),
+            )
+        ]
+        lines.append(f"{'  step/sample':14}{per_sample[0]:>14.6g}{per_sample[1]:>14.6g}")
+    if rule == "adam-sqrt" and hparams.get("weight_decay"):
+        lines.append(
+            f"note: with AdamW's decoupled decay (lr x weight_decay a step) the decay per "
+            f"sample changes by 1/sqrt(k) = {1 / math.sqrt(k):.4g}; multiply weight_decay by "
+            f"sqrt(k) = {math.sqrt(k):.4g} to keep it"
+        )
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from lessons import data as data_mod
 from lessons.models import NORMS, make_model
+from lessons.noise import noise_scale
 from lessons.optim import InvariantAdamW, Lamb
 from lessons.profiles import get_profile, pick_device
 
@@ -621,7 +622,7 @@ def train(
             if smooth[2] is None:
                 smooth[2] = v
             ema = smooth[0] / smooth[1]
-            extras = {"noise": r_lr / (1 - momentum) * (n / b - 1)}  # Smith & Le
+            extras = {"noise": noise_scale(r_lr, n, b, momentum)}
             if s == 1:
                 extras.update(total_steps=total, batch_notice=info.get("batch_notice"))
             if q is not None:

@@ -19,12 +19,14 @@ def test_scale_beta_keeps_the_half_life_in_samples():
 
 
 def test_round_trip_is_the_identity():
-    hp = dict(lr=3e-3, betas=(0.9, 0.995), eps=1e-8, weight_decay=0.05, momentum=0.8)
+    adam = dict(lr=3e-3, betas=(0.9, 0.995), eps=1e-8, weight_decay=0.05)
+    sgd = dict(lr=0.1, momentum=0.8, weight_decay=5e-4)
     for rule in S.RULES:
-        there = S.transfer(hp, 128, 32, rule)
-        back = S.transfer(there, 32, 128, rule)
-        for key in hp:
-            assert np.allclose(back[key], hp[key], rtol=1e-12), (rule, key)
+        for hp in (adam, sgd) if rule not in S.ADAM_RULES else (adam,):
+            there = S.transfer(hp, 128, 32, rule)
+            back = S.transfer(there, 32, 128, rule)
+            for key in hp:
+                assert np.allclose(back[key], hp[key], rtol=1e-12), (rule, key)
 
 
 def test_lamb_rule_numbers():
@@ -59,7 +61,9 @@ def test_sgd_linear_and_invariant_adam_numbers():
         (lambda: S.transfer({"lr": 1.0}, 4, -1, "lamb"), "to_batch"),
         (lambda: S.transfer({"betas": (0.9, 1.0)}, 4, 8, "lamb"), r"beta must be in \(0, 1\)"),
         (lambda: S.transfer({"betas": (0.9, 0.99)}, 1, 16, "adam-sqrt"), "1 - beta = 1.6"),
-        (lambda: S.transfer({"momentum": 1.2}, 1, 2, "lamb"), "beta must be"),
+        (lambda: S.transfer({"momentum": 1.2}, 1, 2, "lamb"), r"momentum must be in \[0, 1\)"),
+        (lambda: S.transfer({"momentum": 0.9}, 1, 2, "adam-sqrt"), "use 'lamb'"),
+        (lambda: S.transfer({"momentum": 0.9}, 1, 2, "invariant-adam"), "not SGD's momentum"),
         (lambda: S.transfer({"learning_rate": 1.0}, 1, 2, "lamb"), "unknown hyperparameters"),
         (lambda: S.scale_beta(0.0, 1, 2), "beta must be"),
     ],
@@ -67,6 +71,33 @@ def test_sgd_linear_and_invariant_adam_numbers():
 def test_errors_say_why(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def _sgd_distance(lr, momentum, batch, samples=256 * 40):
+    """How far torch's SGD moves a weight under a constant unit gradient over ``samples``."""
+    import torch
+
+    w = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=lr, momentum=momentum)
+    for _ in range(samples // batch):
+        w.grad = torch.ones(1)
+        opt.step()
+    return -float(w)
+
+
+def test_lamb_rule_keeps_torch_sgds_step_per_sample():
+    """torch's momentum has no 1 - m factor: m -> m^k with lr -> k lr moved (1 - m)/(1 - m^k)
+    = 7.6x further per sample from batch 256 to 32 at m = 0.9; the rule's lr keeps it."""
+    hp = dict(lr=0.1, momentum=0.9)
+    base = _sgd_distance(hp["lr"], hp["momentum"], 256)
+    moved = S.transfer(hp, 256, 32, "lamb")
+    assert moved["momentum"] == pytest.approx(0.9**0.125)
+    assert moved["lr"] == pytest.approx(0.1 * 0.125 * (1 - 0.9**0.125) / 0.1)
+    assert _sgd_distance(moved["lr"], moved["momentum"], 32) == pytest.approx(base, rel=0.03)
+    naive_lr = hp["lr"] * 0.125  # the old rule: k lr with m^k
+    assert _sgd_distance(naive_lr, moved["momentum"], 32) / base == pytest.approx(7.6, rel=0.05)
+    assert S.momentum_lr_factor(0.0, 4) == 4  # plain SGD: the linear rule
+    assert S.transfer(dict(lr=0.1, momentum=0.0), 32, 128, "lamb")["lr"] == pytest.approx(0.4)
 
 
 def test_per_sample_weights_staircase():
@@ -140,3 +171,13 @@ def test_command_line_prints_the_table_with_half_lives():
         text=True,
     )
     assert bad.returncode == 2 and "1 - beta = 1.6" in bad.stderr
+
+
+def test_command_line_prints_each_setting_once_and_sgds_step_per_sample():
+    text = S.table(dict(lr=0.1, momentum=0.9, betas=(0.9,)), 256, 32, "lamb")
+    rows = [line.split()[0] for line in text.splitlines()[2:]]
+    assert rows.count("momentum") == 1 and rows.count("beta1") == 1, text
+    step = next(line for line in text.splitlines() if "step/sample" in line).split()
+    assert float(step[-1]) == pytest.approx(float(step[-2])) == pytest.approx(0.1 / 0.1 / 256)
+    note = S.table(dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01), 32, 128, "adam-sqrt")
+    assert "1/sqrt(k) = 0.5" in note and "multiply weight_decay by sqrt(k) = 2" in note
