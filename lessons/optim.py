@@ -19,7 +19,8 @@ Variants (each an option here, no copies):
   trust ratio (``wd_outside_trust=True``).
 - cybertronai/pytorch-lamb and torch-optimizer: no bias correction
   (``bias_correction=False``), the weight norm (not the ratio) clamped at 10
-  (``weight_norm_clip=10``, ``trust_clip=None``).
+  (``weight_norm_clip=10``, ``trust_clip=None``): You et al.'s ratio is
+  phi(||w||) / ||s|| with phi a clip of the weight norm, whose bounds the paper leaves open.
 - timm and NVIDIA FusedLAMB: the global gradient norm clipped at 1 first
   (``max_grad_norm=1.0``) and the trust ratio applied only to parameters with weight decay
   (``adapt_only_decayed=True``); timm's ``trust_clip=True`` caps the ratio at 1.
@@ -36,7 +37,10 @@ NORMS = ("l2", "rms")
 # name -> Lamb options; "course" is the algorithm as written above with the fast.ai cap of 10
 LAMB_VARIANTS: dict[str, dict] = {
     "course": dict(trust_clip=10.0),
-    "paper (no cap)": dict(trust_clip=None),
+    "no cap": dict(trust_clip=None),
+    # the blog's centred variant: betas aligned, else v_hat - m_hat^2 goes negative; a larger
+    # eps, since the variance of a few recent gradients can be ~0 and r = m_hat / eps then
+    "centred": dict(trust_clip=10.0, centered=True, betas=(0.9, 0.9), eps=1e-3),
     "fastai": dict(trust_clip=10.0, norm="rms", wd_outside_trust=True),
     "cybertronai": dict(trust_clip=None, bias_correction=False, weight_norm_clip=10.0),
     "timm / NVIDIA": dict(trust_clip=None, max_grad_norm=1.0, adapt_only_decayed=True),

@@ -264,7 +264,8 @@ def _adamw(c: TrainConfig, groups):
 
 
 def _lamb(c: TrainConfig, groups):
-    return Lamb(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, **c.opt_options)
+    options = dict(lr=c.lr, betas=tuple(c.betas), eps=c.eps) | c.opt_options  # a variant's win
+    return Lamb(groups, **options)
 
 
 def _invariant_adamw(c: TrainConfig, groups):

@@ -330,3 +330,24 @@ def test_a_step_issues_as_many_operations_for_forty_tensors_as_for_four(variant)
     few, many = ops(4), ops(40)
     assert few == many, (few, many)
     assert few <= 40  # 24 - 34 for the named variants
+
+
+def test_a_variants_own_betas_and_eps_win_over_the_run_settings():
+    """The engine builds LAMB from the run's lr, betas and eps, and a variant that names its own
+    (the centred one: aligned betas, a larger eps) keeps them."""
+    from lessons.train import OPTIMIZERS, TrainConfig
+
+    c = TrainConfig.from_profile(
+        "ci",
+        optimizer="lamb",
+        lr=0.02,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        opt_options=LAMB_VARIANTS["centred"],
+    )
+    group = OPTIMIZERS["lamb"](c, [{"params": [torch.nn.Parameter(torch.ones(2))]}]).param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"]) == (0.02, (0.9, 0.9), 1e-3)
+    assert group["centered"] and group["trust_clip"] == 10.0
+    plain = TrainConfig.from_profile("ci", optimizer="lamb", lr=0.02, eps=1e-6)
+    group = OPTIMIZERS["lamb"](plain, [{"params": [torch.nn.Parameter(torch.ones(2))]}])
+    assert group.param_groups[0]["eps"] == 1e-6
