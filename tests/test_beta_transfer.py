@@ -50,3 +50,17 @@ def test_an_impossible_rule_is_a_message():
     live = BT.beta_transfer(renderer="matplotlib")
     assert live.run_blocking(base_batch=8, batch=256, rule="adam-sqrt", timeout=60) is None
     assert "Impossible setting" in live.status.value and "1 - beta" in live.status.value
+
+
+def test_the_rule_menu_fits_this_lessons_optimizers():
+    """No 'invariant-adam' (this lesson has no invariant optimizer); SGD's momentum is carried
+    by the 'lamb' rule with its step per sample, and 'adam-sqrt' is refused for it with what
+    to choose instead."""
+    live = BT.beta_transfer(renderer="matplotlib")
+    assert [r for _, r in live.controls["rule"].options] == ["lamb", "adam-sqrt", "sgd-linear"]
+    cfg = live.make_config({**live.values(), "optimizer": "sgd", "rule": "lamb"})
+    moved = cfg["lamb (b=32)"]
+    assert moved.momentum == pytest.approx(0.9**0.125)
+    assert moved.lr == pytest.approx(0.02 * S.momentum_lr_factor(0.9, 0.125))
+    assert live.run_blocking(optimizer="sgd", rule="adam-sqrt", timeout=60) is None
+    assert "Impossible setting" in live.status.value and "use &#x27;lamb&#x27;" in live.status.value

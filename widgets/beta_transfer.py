@@ -16,6 +16,14 @@ from widgets.live import STYLE, LiveRun, Mark, Trace, log_slider, make_figure
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# the rules this lesson's optimizers take ("invariant-adam" is notebook 05's); lessons.scaling
+# refuses "adam-sqrt" for SGD's momentum with a message that says what to choose
+RULES = (
+    ("lamb: horizons and step per sample kept", "lamb"),
+    ("adam-sqrt: lr sqrt(k), 1 - beta x k", "adam-sqrt"),
+    ("sgd-linear: lr x k only", "sgd-linear"),
+)
+
 
 class PerSampleWeights:
     """The EMA at batch b (a staircase: a batch's samples share its weight) against the
@@ -123,7 +131,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
             style=STYLE,
         ),
         "lr": log_slider(0.02, "lr at B", -4, 0),
-        "rule": W.Dropdown(options=list(S.RULES), value="lamb", description="rule"),
+        "rule": W.Dropdown(options=RULES, value="lamb", description="rule"),
     }
 
     def make_config(v: dict) -> dict[str, TrainConfig]:
