@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lessons import noise as N
+from lessons.profiles import get_profile
 from lessons.train import TrainConfig, epoch_train_loss, run
 
 
@@ -129,6 +130,9 @@ def test_schedules_widget_trains_three_runs_with_panels():
     counts = NS.update_counts(live)
     assert counts["grow batch"] < counts["hybrid"] < counts["decay lr"]
     assert "updates" in live.summary_html.value
+    n = get_profile().n_train  # Smith et al.'s B proportional to 1 / (1 - m), for these settings
+    for m in (0.0, 0.5, 0.99):
+        assert f"{m:g}: batch {N.momentum_batch(32, n, 0.9, m):,}" in live.summary_html.value
     for name, r in runs.items():  # the witness lesson 4's self-check compares
         last = epoch_train_loss(r.records)[-1]
         row = f"{name}: {counts[name]:,} updates, last epoch's train loss {last:.3f}"
@@ -160,3 +164,10 @@ def test_schedules_widget_adds_a_reference_run_whose_noise_never_drops():
     panel = {t["uid"] for t in live.panel_figure.traces()}
     assert f"noise:{NS.REFERENCE_NAME}" in panel and len(panel) == 4
     assert f"{NS.REFERENCE_NAME}: " in live.summary_html.value
+
+
+def test_the_momentum_line_converts_the_base_batch():
+    from widgets import noise_scale as NS
+
+    line = NS.momentum_batches(32, 9469, 0.9)
+    assert "0.99: batch 311" in line and "0: batch 3" in line and "0.9:" not in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import html
 
 import ipywidgets as W
@@ -41,7 +42,25 @@ def update_counts(live: LiveRun) -> dict[str, int]:
     }
 
 
-def summary(live: LiveRun) -> str:
+MOMENTA = (0.0, 0.5, 0.9, 0.99)  # the momenta the summary converts the base batch to
+
+
+def momentum_batches(batch: int, n: int, momentum: float) -> str:
+    """Smith et al.'s B proportional to 1/(1 - m), for the widget's settings: the base batch that
+    keeps this noise scale at the same lr under each other momentum."""
+    others = [
+        f"{m:g}: batch {N.momentum_batch(batch, n, momentum, m):,}"
+        for m in MOMENTA
+        if m != momentum
+    ]
+    return (
+        f"The same noise scale at this lr with base batch {batch} and momentum {momentum:g} "
+        f"needs, at momentum {'; '.join(others)} "
+        f"(B proportional to 1/(1 - m) while B << N = {n:,})."
+    )
+
+
+def summary(live: LiveRun, n: int) -> str:
     rows, counts = [], update_counts(live)
     for r in live.last_group.values():
         ev = r.last("eval")
@@ -62,8 +81,12 @@ def summary(live: LiveRun) -> str:
         ),
         None,
     )
+    if not rows:
+        return ""
     note = f"<br><i>{html.escape(notice)}</i>" if notice else ""
-    return f"<ul>{''.join(rows)}</ul>{note}" if rows else ""
+    v = next(iter(live.last_group.values())).settings  # what the shown runs trained with
+    batches = html.escape(momentum_batches(int(v["batch"]), n, float(v["momentum"])))
+    return f"<ul>{''.join(rows)}</ul>{batches}{note}"
 
 
 def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
@@ -113,7 +136,7 @@ def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
         controls,
         make_config,
         name="04_noise_scale",
-        summary=summary,
+        summary=functools.partial(summary, n=n_train),
         x_toggle=[("epochs", "epoch"), ("parameter updates", "step")],
         panel=noise_panel,
         panel_axes=dict(xlabel="epoch", ylabel="noise scale g", ylog=True, height=300),
