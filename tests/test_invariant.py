@@ -241,8 +241,28 @@ def test_sweep_widget_trains_both_families_and_measures_spread():
         f"inv:{MB.INVARIANT} B=32",
         f"inv:{MB.INVARIANT} B=64",
     }
-    assert live.run_blocking(kappa=32, sizes=(16, 32), timeout=60) is None
+    assert live.controls["norm"].value == "layer"  # no BatchNorm batch effect by default
+    assert live.run_blocking(micro_batch=32, sizes=(16, 32), timeout=60) is None
     assert "must divide the smallest batch" in live.status.value
+    # below the sweep's smallest batch, the reference micro Adam trains too, drawn dashed
+    cfg = live.make_config({**live.values(), "micro_batch": 8, "sizes": (32, 64)})
+    reference = cfg[f"{MB.MICRO_ADAM} B=8"]
+    assert reference.batch == reference.micro_batch == 8
+    assert reference.lr == pytest.approx(cfg[f"{MB.INVARIANT} B=32"].lr / 4)
+    assert reference.betas == pytest.approx(tuple(b**0.25 for b in (0.9, 0.999)))
+
+
+def test_the_default_sweep_stays_under_the_papers_learning_rate_ceiling():
+    """Wang & Aitchison's figures are invariant up to lr = 1e-3 B / B_max: the default sweep's
+    invariant runs train at that ceiling or below, at every batch."""
+    from widgets import micro_batch as MB
+
+    live = MB.sweep_live(renderer="plotly")
+    cfg = live.make_config(live.values())
+    b_max = max(c.batch for c in cfg.values())
+    assert b_max >= 4 * min(c.batch for c in cfg.values())  # a sweep worth the name
+    for name, c in cfg.items():
+        assert c.lr <= 1e-3 * c.batch / b_max * (1 + 1e-9), (name, c.lr)
 
 
 def test_a_step_of_eight_micro_batches_issues_as_many_operations_for_forty_tensors_as_for_four():

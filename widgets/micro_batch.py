@@ -14,6 +14,9 @@ from widgets.live import STYLE, LiveRun, Series, Trace, log_slider
 
 SIZES = (16, 32, 64, 128, 256, 512)
 ADAM, INVARIANT = "Adam, sqrt rule", "invariant Adam, linear rule"
+# Wang & Aitchison's reference: standard Adam at batch = micro-batch, what invariant Adam at
+# every batch should match (trained apart only where the micro-batch is below the sweep)
+MICRO_ADAM = "micro Adam"
 
 
 def spreads(live: LiveRun) -> dict[str, float]:
@@ -54,7 +57,8 @@ def _only(family: str):
 def invariant_panel(live: LiveRun) -> tuple[list[Trace], str]:
     traces = []
     for run in live.last_group.values():
-        if run.name.startswith(INVARIANT):
+        reference = run.name.startswith(MICRO_ADAM)
+        if run.name.startswith(INVARIANT) or reference:
             pts = [m for m in run.records if m.kind == "train"]
             traces.append(
                 Trace(
@@ -62,11 +66,12 @@ def invariant_panel(live: LiveRun) -> tuple[list[Trace], str]:
                     [m.epoch for m in pts],
                     [m.loss for m in pts],
                     name=run.name,
-                    color=run.color,
+                    color="#222222" if reference else run.color,
+                    dash="dash" if reference else "solid",
                     width=1.5,
                 )
             )
-    return traces, f"{INVARIANT} (lr proportional to B, betas^(B/B0))"
+    return traces, f"{INVARIANT} (lr proportional to B, betas^(B/B0)), {MICRO_ADAM} dashed"
 
 
 def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
@@ -76,7 +81,9 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
     n_train = p.n_train  # Imagenette's count, or the generated set's
     sizes = [b for b in SIZES if b <= n_train // 4]
     controls = {
-        "lr": log_slider(5e-4, "lr at the smallest batch", -4, -1.5),
+        # Wang & Aitchison's figures stay invariant up to lr = 1e-3 at the largest batch: the
+        # default sweep (32 - 256) ends there
+        "lr": log_slider(1.25e-4, "lr at the smallest batch", -4.5, -1.5),
         "sizes": W.SelectionRangeSlider(
             options=sizes,
             index=(1, min(4, len(sizes) - 1)),
@@ -84,14 +91,15 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
             continuous_update=False,
             style=STYLE,
         ),
-        "kappa": W.SelectionSlider(
+        "micro_batch": W.SelectionSlider(
             options=[8, 16, 32],
             value=32,
-            description="micro-batch kappa",
+            description="micro-batch size",
             continuous_update=False,
             style=STYLE,
         ),
-        "norm": W.Dropdown(options=["batch", "layer"], value="batch", description="norm"),
+        # LayerNorm: with BatchNorm the micro-batch would also be BatchNorm's batch
+        "norm": W.Dropdown(options=["layer", "batch"], value="layer", description="norm"),
     }
 
     def make_config(v: dict) -> dict[str, TrainConfig]:
@@ -99,11 +107,11 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
         batches = [b for b in sizes if lo <= b <= hi]
         if len(batches) < 2:
             raise ValueError("choose a range with at least two batch sizes")
-        kappa = int(v["kappa"])
-        if lo % kappa:
+        micro = int(v["micro_batch"])
+        if lo % micro:
             raise ValueError(
-                f"the micro-batch kappa={kappa} must divide the smallest batch "
-                f"({lo}): choose a smaller kappa or larger batches"
+                f"the micro-batch size {micro} must divide the smallest batch "
+                f"({lo}): choose a smaller micro-batch or larger batches"
             )
         base = dict(lr=float(v["lr"]), betas=(0.9, 0.999), eps=1e-8)
         common = dict(epochs=epochs, weight_decay=0.0, norm=v["norm"])
@@ -113,10 +121,12 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
             configs[f"{ADAM} B={b}"] = TrainConfig.from_profile(
                 p.name, optimizer="adam", batch=b, **common, **hp
             )
-        for b in batches:
+        # kappa = B / micro micro-batches a step; at B = micro this is micro Adam itself
+        for b in ([micro] if micro < lo else []) + batches:
             hp = S.transfer(base, lo, b, "invariant-adam")
-            configs[f"{INVARIANT} B={b}"] = TrainConfig.from_profile(
-                p.name, optimizer="invariant-adamw", batch=b, micro_batch=kappa, **common, **hp
+            name = f"{MICRO_ADAM} B={b}" if b < lo else f"{INVARIANT} B={b}"
+            configs[name] = TrainConfig.from_profile(
+                p.name, optimizer="invariant-adamw", batch=b, micro_batch=micro, **common, **hp
             )
         return configs
 
