@@ -82,7 +82,7 @@ def _sgd_distance(lr, momentum, batch, samples=256 * 40):
     for _ in range(samples // batch):
         w.grad = torch.ones(1)
         opt.step()
-    return -float(w)
+    return -float(w.detach())
 
 
 def test_lamb_rule_keeps_torch_sgds_step_per_sample():
