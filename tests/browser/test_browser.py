@@ -198,7 +198,7 @@ def test_notebook_runs_all_cells_without_an_error(page, lab, name):
 @pytest.mark.parametrize(
     "name, upto, label, key, stop",
     [
-        # batch 16: the longest run (3 s on the ci profile): its curve grows, then Stop
+        # batch 16: the longest run (3 - 4 s on the ci profile): its curve grows, then Stop
         ("00_start_here.ipynb", "start_here()", "batch size", "Home", 1),
         # a ci-profile run of lesson 1 takes 0.7 - 1 s, over before a click can stop it (tried:
         # a Stop as soon as the status said Running came after the end 2 times in 3): it runs out
@@ -213,25 +213,32 @@ def test_keyboard_moves_a_slider_the_run_grows_and_stop_stops_it(
     assert not s["errors"], s["errors"]
     widget = live_widget(page, label)
     widget.scroll_into_view_if_needed()
-    before = curves(widget)
-    slider = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=label))
-    handle = slider.locator(".noUi-handle").first
-    handle.focus()
-    page.keyboard.press(key)
-    t0 = time.time()
-    while not status(widget).startswith("Running"):
-        assert time.time() - t0 < 30, f"no run started: {status(widget)!r}"
-        time.sleep(0.02)
-    while stop and not any(n > 0 for k, n in curves(widget).items() if k not in before):
-        assert time.time() - t0 < 30, f"the new run drew no point: {status(widget)!r}"
-        assert status(widget).startswith("Running"), status(widget)  # it must still run
-        time.sleep(0.02)
-    if stop:
-        widget.locator("button", has_text="Stop").click()
-    t0 = time.time()
-    while not status(widget).startswith(("Stopped", "Done")):
-        assert time.time() - t0 < 30, f"the run did not end: {status(widget)!r}"
-        time.sleep(0.05)
+    # a Stop click can reach a 4-s run after its end (Playwright's checks, a loaded machine):
+    # then a new learning rate starts a new run and Stop is tried again, at most twice more
+    moves = [(label, key)] + [("learning rate", "ArrowLeft")] * (2 if stop else 0)
+    for control, press in moves:
+        before = curves(widget)
+        slider = widget.locator(
+            ".widget-slider", has=page.locator(".widget-label", has_text=control)
+        )
+        slider.locator(".noUi-handle").first.focus()
+        page.keyboard.press(press)
+        t0 = time.time()
+        while not status(widget).startswith("Running"):
+            assert time.time() - t0 < 30, f"no run started: {status(widget)!r}"
+            time.sleep(0.02)
+        while stop and not any(n > 0 for k, n in curves(widget).items() if k not in before):
+            assert time.time() - t0 < 30, f"the new run drew no point: {status(widget)!r}"
+            assert status(widget).startswith("Running"), status(widget)  # it must still run
+            time.sleep(0.02)
+        if stop:
+            widget.locator("button", has_text="Stop").click()
+        t0 = time.time()
+        while not status(widget).startswith(("Stopped", "Done")):
+            assert time.time() - t0 < 30, f"the run did not end: {status(widget)!r}"
+            time.sleep(0.05)
+        if status(widget).startswith("Stopped") or not stop:
+            break
     assert status(widget).startswith("Stopped" if stop else "Done"), status(widget)
     after = wait_until(
         lambda: curves(widget),
