@@ -8,7 +8,7 @@ Measured in the same run, on the same model, batch, optimizer and precision:
 - bare_img_per_s: the model alone (forward, backward, step on one batch already prepared on
   the device): ``ceiling_speedup`` = bare / baseline is the most any data path could reach,
   ``engine_over_bare`` what the engine's data path costs;
-- precision: the profile's default (lessons.train.autocast_and_scaler); where the device computes
+- precision: the profile's default (lessons.compute.resolve); where the device computes
   bf16 natively (CUDA 8.0+, or a CPU with AVX512-BF16 / AMX), the engine in float32 and under
   bf16 autocast (``engine_fp32_img_per_s``, ``engine_bf16_img_per_s``, ``bf16_speedup``); on
   a GPU with float16 tensor cores only (a T4, a V100), float32 against loss-scaled fp16
@@ -19,20 +19,20 @@ Measured in the same run, on the same model, batch, optimizer and precision:
   AdamW on the same model: ``lamb_over_adamw``, what LAMB's per-tensor trust ratios cost
   (lessons.optim.Lamb steps every tensor of a group in one torch._foreach_* op per line);
   ``fused_adamw_speedup``: AdamW with torch's fused step (``adamw_fused``: whether the run
-  used it, lessons.train.use_fused) against torch's default step;
+  used it, lessons.compute.use_fused) against torch's default step;
 - first_point_s: from a start request to the first loss point of a new run (data warm);
 - cold_first_point_s / warmed_first_point_s: the same for the first run of a fresh process
-  (its data loaded), without and after lessons.train.warm_up(), which a widget runs in the
+  (its data loaded), without and after lessons.warmup.warm_up(), which a widget runs in the
   background while the student reads (on a GPU: CUDA, cuDNN and the kernels a run needs);
 - lesson_run_s: one default run of the profile, evaluation included, and its val accuracy;
 - thread_*: the engine in a worker thread, as a widget runs it, after torch work on the main
-  thread: as is, and after lessons.train.free_openmp_threads() on the main thread;
+  thread: as is, and after lessons.tuning.free_openmp_threads() on the main thread;
 - malloc_*: the engine in a worker thread, as a widget runs it, in a fresh process for each of
-  MALLOC_SETTINGS: glibc malloc's defaults; lessons.train.keep_freed_memory(), as train() sets
+  MALLOC_SETTINGS: glibc malloc's defaults; lessons.tuning.keep_freed_memory(), as train() sets
   on a CPU; and that with one malloc arena for all threads (GLIBC_TUNABLES, as make lab, test and
   bench run): images per second, page faults per step, speedup over the defaults (CPU only);
 - sweep_*: a 4-run sweep (learning rates 0.5x, 1x, 2x, 4x the default) one run after the other
-  against the four side by side (lessons.train.train_many: a thread per run, on CUDA a stream
+  against the four side by side (lessons.sweep.train_many: a thread per run, on CUDA a stream
   per run), each as a multiple of one run.
 
 ``--candidates`` adds ``candidates``: for cheaper models and larger batches than the profile's
@@ -67,24 +67,21 @@ from PIL import Image
 
 from lessons import data
 from lessons import scaling as S
-from lessons.profiles import get_profile, pick_device
-from lessons.train import (
-    MALLOC_TUNABLES,
-    OPTIMIZERS,
-    TrainConfig,
-    _param_groups,
-    autocast_and_scaler,
+from lessons.callbacks import TrustRatios
+from lessons.compute import (
     backward_step,
     cuda_fp16_only,
     forward_loss,
-    free_openmp_threads,
     native_bf16,
-    precision,
-    train,
-    train_many,
+    resolve,
     use_fused,
-    warm_up,
 )
+from lessons.config import TrainConfig
+from lessons.profiles import get_profile, pick_device
+from lessons.sweep import train_many
+from lessons.train import build_model_and_optimizer, train
+from lessons.tuning import MALLOC_TUNABLES, free_openmp_threads
+from lessons.warmup import warm_up
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -116,10 +113,9 @@ class FolderDataset(torch.utils.data.Dataset):
 
 
 def _model_and_optimizer(config: TrainConfig, device: torch.device, classes: int = 10):
-    """The engine's model (channels_last, as train builds it) and optimizer, from the seed."""
-    torch.manual_seed(config.seed)
-    model = config.model(classes).to(device).to(memory_format=torch.channels_last)
-    return model, OPTIMIZERS[config.optimizer](config, _param_groups(model, config.weight_decay))
+    """The engine's model and optimizer, built as train builds them, and how they compute."""
+    compute = resolve(config, device)
+    return (*build_model_and_optimizer(config, compute, classes), compute)
 
 
 def _step(model, opt, x, y, dtype, scaler=None) -> torch.Tensor:
@@ -143,9 +139,9 @@ def baseline_img_per_s(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
     )
-    model, opt = _model_and_optimizer(config, device)  # as the engine, so only data differs
+    model, opt, compute = _model_and_optimizer(config, device)  # as the engine: only data differs
     cuda = device.type == "cuda"
-    dtype, scaler = autocast_and_scaler(config, device)
+    dtype, scaler = compute.dtype, compute.scaler()
     done, t0 = 0, None
     while done < warmup + steps:
         for x, y in loader:
@@ -170,13 +166,12 @@ def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: in
     the ceiling of ``speedup``, and engine / bare what the engine's data path costs."""
     device = ds.device
     cuda = device.type == "cuda"
-    dtype, scaler = autocast_and_scaler(config, device)
+    model, opt, compute = _model_and_optimizer(config, device, len(ds.classes))
+    dtype, scaler = compute.dtype, compute.scaler()
     gen = torch.Generator(device=device).manual_seed(config.seed)
     idx = torch.randperm(ds.n_train, generator=gen, device=device)[: config.batch]
-    x = data.augment(data.normalize(ds.train_x[idx]), gen)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = compute.memory(data.augment(data.normalize(ds.train_x[idx]), gen))
     y = ds.train_y[idx]
-    model, opt = _model_and_optimizer(config, device, len(ds.classes))
     for i in range(warmup + steps):
         if i == warmup:
             if cuda:
@@ -253,7 +248,7 @@ MALLOC_FIELDS = tuple(
 def malloc_effect(config: TrainConfig, name: str, size: int, n_train: int, n_val: int) -> dict:
     """The engine under each of MALLOC_SETTINGS, each in a fresh process (malloc's settings
     cannot be undone in this one), on the same data (data.load's arguments) and config."""
-    fields = {k: v for k, v in config.__dict__.items() if not callable(v)}
+    fields = {k: v for k, v in config.__dict__.items() if not callable(v) and k != "callbacks"}
     args = [json.dumps(fields), name, size, n_train, n_val]
     code = f"from lessons.bench import _engine_child; _engine_child(*{args!r})"
     theirs = [
@@ -410,7 +405,7 @@ def run_bench(
     # and AdamW's fused step (use_fused, the default on CUDA and CPU) against torch's default
     for opt_name, extra in (
         ("adamw", {}),
-        ("lamb", dict(record_trust=True)),
+        ("lamb", dict(callbacks=(TrustRatios(),))),
         ("adamw-unfused", dict(fused=False)),
     ):
         one = replace(short, optimizer=opt_name.removesuffix("-unfused"), lr=1e-3, **extra)
@@ -454,7 +449,7 @@ def run_bench(
         "batch": base.batch,
         "steps": steps,
         "workers": workers,
-        "precision": precision(base, device),
+        "precision": resolve(base, device).precision,
         "engine_img_per_s": round(engine, 1),
         "baseline_img_per_s": round(baseline, 1),
         "speedup": round(engine / baseline, 2),

@@ -10,13 +10,14 @@ initialisation the running statistics are 0 and 1, another network altogether).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lessons import data as data_mod
+from lessons.callbacks import EpochEnd
 from lessons.models import make_model
 from lessons.noise import gradient_moments
 
@@ -89,9 +90,9 @@ def measure_simple_noise_scale(
     return float("inf") if g2 <= 0 else trace / g2
 
 
-def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> Callable:
-    """A TrainConfig.on_epoch hook: B_simple at the end of every epoch, measured on up to
-    ``n`` training images, reported as {"b_simple": value}."""
+def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> EpochEnd:
+    """A callback (TrainConfig.callbacks): B_simple at the end of every epoch, measured on up
+    to ``n`` training images, reported as {"b_simple": value} in the eval record."""
 
     def probe(model, ds, epoch):
         x = data_mod.normalize(ds.train_x[:n])
@@ -103,7 +104,7 @@ def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> Ca
             )
         }
 
-    return probe
+    return EpochEnd(probe)
 
 
 def adam_direction_by_batch(

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 from torch import nn
 
 NORMS = ("batch", "layer", "none")
+
+# held while a model is seeded and initialised from torch's global RNG: runs started side by
+# side (lessons.sweep) must not interleave there
+INIT_LOCK = threading.Lock()
 
 
 def norm_layer(kind: str, channels: int) -> nn.Module:

@@ -28,8 +28,8 @@ class Profile:
     n_train: int = 9_469
     n_val: int = 3_925
     description: str = ""
-    # train under bfloat16 autocast on a CPU that computes bf16 natively (AVX512-BF16, AMX):
-    # 1.2 - 1.45x faster steps there (lessons.train.use_bf16)
+    # train under bfloat16 autocast on a CPU that computes bf16 natively (AVX512-BF16, AMX),
+    # where it is faster than float32 (lessons.compute.use_bf16)
     cpu_bf16: bool = False
     stem_stride: int = 1  # 2: the model's stem downsamples (models.ResNet)
 

@@ -12,6 +12,18 @@ if "LESSONS_DATA" not in os.environ:  # `make test` sets one; a bare pytest gets
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def ci(**kw):
+    """The ci profile's TrainConfig on the CPU, with ``kw`` changed."""
+    from lessons.config import TrainConfig
+
+    return TrainConfig.from_profile("ci", device="cpu", **kw)
+
+
+def losses(records) -> list[float]:
+    """The training losses of a run's records."""
+    return [r.loss for r in records if r.kind == "train"]
+
+
 @pytest.fixture
 def data_root(tmp_path, monkeypatch):
     """An empty, private LESSONS_DATA, and no data set held in memory from earlier tests."""

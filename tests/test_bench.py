@@ -47,7 +47,7 @@ def test_bench_prints_one_json_object_with_ratios():
     ceiling = result["bare_img_per_s"] / result["baseline_img_per_s"]
     assert result["ceiling_speedup"] == pytest.approx(ceiling, abs=0.01)
     assert result["precision"] == "float32"  # the ci profile, on any CPU
-    from lessons.train import cpu_has_native_bf16
+    from lessons.compute import cpu_has_native_bf16
 
     assert result["native_bf16"] is cpu_has_native_bf16()
     if result["native_bf16"]:
@@ -88,7 +88,7 @@ def test_candidates_time_cheaper_models_and_larger_batches_with_the_lr_scaled(sh
     from dataclasses import replace
 
     from lessons.bench import candidate_runs
-    from lessons.train import TrainConfig
+    from lessons.config import TrainConfig
 
     base = replace(TrainConfig.from_profile("ci"), epochs=1, n_train=shapes_ci.n_train)
     rows = candidate_runs(base, shapes_ci, steps=4, baseline=1000.0)

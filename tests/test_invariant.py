@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from lessons import scaling as S
+from lessons.config import TrainConfig
 from lessons.optim import InvariantAdamW
-from lessons.train import TrainConfig, run
+from lessons.train import run
 from tests.conftest import ops_per_step
 
 

@@ -13,7 +13,7 @@ SETUP = """
 import pathlib, tempfile, threading, time
 import ipywidgets as W
 import widgets.live as L
-from lessons.train import TrainConfig
+from lessons.config import TrainConfig
 L.run_log_path = lambda name: pathlib.Path(tempfile.mkdtemp()) / "runs.jsonl"
 
 def make():

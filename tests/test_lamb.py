@@ -335,7 +335,9 @@ def test_a_step_issues_as_many_operations_for_forty_tensors_as_for_four(variant)
 def test_a_variants_own_betas_and_eps_win_over_the_run_settings():
     """The engine builds LAMB from the run's lr, betas and eps, and a variant that names its own
     (the centred one: aligned betas, a larger eps) keeps them."""
-    from lessons.train import OPTIMIZERS, TrainConfig
+    from lessons.compute import resolve
+    from lessons.config import TrainConfig
+    from lessons.train import build_model_and_optimizer
 
     c = TrainConfig.from_profile(
         "ci",
@@ -345,9 +347,10 @@ def test_a_variants_own_betas_and_eps_win_over_the_run_settings():
         eps=1e-6,
         opt_options=LAMB_VARIANTS["centred"],
     )
-    group = OPTIMIZERS["lamb"](c, [{"params": [torch.nn.Parameter(torch.ones(2))]}]).param_groups[0]
+    cpu = torch.device("cpu")
+    group = build_model_and_optimizer(c, resolve(c, cpu), 10)[1].param_groups[0]
     assert (group["lr"], group["betas"], group["eps"]) == (0.02, (0.9, 0.9), 1e-3)
     assert group["centered"] and group["trust_clip"] == 10.0
     plain = TrainConfig.from_profile("ci", optimizer="lamb", lr=0.02, eps=1e-6)
-    group = OPTIMIZERS["lamb"](plain, [{"params": [torch.nn.Parameter(torch.ones(2))]}])
-    assert group.param_groups[0]["eps"] == 1e-6
+    group = build_model_and_optimizer(plain, resolve(plain, cpu), 10)[1].param_groups[0]
+    assert group["eps"] == 1e-6

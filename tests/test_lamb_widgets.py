@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from lessons.callbacks import TrustRatios
+from lessons.config import TrainConfig
 from lessons.optim import LAMB_VARIANTS
-from lessons.train import TrainConfig, run
+from lessons.train import run
 from widgets import lamb as L
 
 pytestmark = pytest.mark.usefixtures("private_run_log")
@@ -18,7 +20,7 @@ def test_lamb_converges_on_the_generated_data(shapes_ci):
         lr=0.02,
         weight_decay=0.01,
         epochs=5,
-        record_trust=True,
+        callbacks=[TrustRatios()],
     )
     records = run(c, dataset=shapes_ci)
     losses = [r.loss for r in records if r.kind == "train"]

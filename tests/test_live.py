@@ -11,7 +11,7 @@ from pathlib import Path
 import ipywidgets as W
 import pytest
 
-from lessons.train import TrainConfig
+from lessons.config import TrainConfig
 from lessons.train import run as train_run
 from widgets import live as live_mod
 from widgets.live import LiveRun
@@ -535,7 +535,8 @@ def test_building_a_live_run_does_the_first_runs_lazy_imports_ahead_in_the_backg
 import sys, threading
 import ipywidgets as W
 import torch
-from lessons.train import OPTIMIZERS, TrainConfig
+from lessons.config import TrainConfig
+from lessons.optim import build_optimizer
 from widgets.live import LiveRun
 
 assert "torch._dynamo" not in sys.modules, "nothing left to warm up"
@@ -548,7 +549,7 @@ for t in threading.enumerate():
 before = set(sys.modules)
 w = torch.zeros(1, requires_grad=True)
 w.grad = torch.ones_like(w)
-OPTIMIZERS["sgd"](TrainConfig(), [{"params": [w]}]).step()  # what a first run does
+build_optimizer("sgd", [{"params": [w]}], lr=0.1).step()  # what a first run does
 print(sorted(set(sys.modules) - before))
 """
     out = subprocess.run(

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from lessons import measure as M
+from lessons.config import TrainConfig
 from lessons.models import make_model
-from lessons.train import TrainConfig, run
+from lessons.train import run
 
 
 def test_noise_probe_measures_on_the_model(shapes_ci):
     probe = M.noise_probe(8, 128, repeats=4, n=512)
     records = run(
-        TrainConfig.from_profile("ci", device="cpu", epochs=2, on_epoch=probe), dataset=shapes_ci
+        TrainConfig.from_profile("ci", device="cpu", epochs=2, callbacks=[probe]), dataset=shapes_ci
     )
     values = [r.extras["b_simple"] for r in records if r.kind == "eval"]
     assert len(values) == 2 and all(np.isfinite(v) for v in values)

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 from lessons import noise as N
+from lessons.callbacks import NoiseScale
+from lessons.config import TrainConfig, epoch_train_loss
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig, epoch_train_loss, run
+from lessons.train import run
 
 
 def test_noise_scale_formula():
@@ -75,7 +77,9 @@ def test_a_batch_schedule_changes_the_number_of_updates_exactly(shapes_ci):
     n = shapes_ci.n_train
     plans = N.schedules(0.05, 32, n, 2, [1, 2])
     records = run(
-        TrainConfig.from_profile("ci", device="cpu", epochs=3, **plans["grow batch"]),
+        TrainConfig.from_profile(
+            "ci", device="cpu", epochs=3, callbacks=[NoiseScale()], **plans["grow batch"]
+        ),
         dataset=shapes_ci,
     )
     train = [r for r in records if r.kind == "train"]

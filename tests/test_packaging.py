@@ -113,7 +113,7 @@ def environment_of(command: str, **theirs: str | None) -> list[str]:
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_lab_test_and_bench_start_python_with_one_malloc_arena():
-    from lessons.train import MALLOC_TUNABLES
+    from lessons.tuning import MALLOC_TUNABLES
 
     commands = make_dry_run("lab", "test", "bench")
     for what in ("jupyter lab", "-m pytest", "-m lessons.bench", "-m widgets.bench"):

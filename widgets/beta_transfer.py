@@ -8,9 +8,9 @@ import ipywidgets as W
 import numpy as np
 
 from lessons import scaling as S
+from lessons.config import TrainConfig
 from lessons.ema import half_life
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig
 from widgets.discounting import beta_slider
 from widgets.live import STYLE, LiveRun, Mark, Trace, log_slider, make_figure
 

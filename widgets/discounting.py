@@ -8,8 +8,8 @@ import ipywidgets as W
 import numpy as np
 
 from lessons import ema as E
+from lessons.config import TrainConfig
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig
 from widgets.live import DEFAULT_SERIES, STYLE, LiveRun, Mark, Series, Trace, make_figure
 
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)

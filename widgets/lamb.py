@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from lessons import data as data_mod
+from lessons.callbacks import TrustRatios
+from lessons.config import TrainConfig
 from lessons.models import make_model
-from lessons.optim import LAMB_VARIANTS, Lamb
+from lessons.optim import LAMB_VARIANTS, Lamb, param_groups
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig, _param_groups
 from widgets.live import COLORS, STYLE, LiveRun, Trace, log_slider
 
 # "off" is a string, not None: ipywidgets reads a selection's value None as "nothing
@@ -87,7 +88,7 @@ class StepInspector:
         """Rows (one per tensor) describing the last of ``steps`` LAMB steps."""
         torch.manual_seed(self.seed)
         model = make_model(self.classes, width=8, depth=0)
-        groups = _param_groups(model, float(self.wd.value))
+        groups = param_groups(model, float(self.wd.value))
         opt = Lamb(
             groups,
             lr=float(self.lr.value),
@@ -196,7 +197,7 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         base = dict(
             batch=int(v["batch"]), weight_decay=float(v["wd"]), epochs=epochs, betas=(0.9, 0.999)
         )
-        lamb = dict(optimizer="lamb", lr=float(v["lr"]), record_trust=True, eps=1e-6, **base)
+        lamb = dict(optimizer="lamb", lr=float(v["lr"]), eps=1e-6, **base)
         if v["variant"] == "as set here":
             lambs = {"LAMB": dict(trust_clip=trust_clip(v["cap"]), centered=bool(v["centered"]))}
         elif v["variant"] == "all variants":
@@ -204,7 +205,7 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         else:
             lambs = {f"LAMB {v['variant']}": dict(LAMB_VARIANTS[v["variant"]])}
         configs = {
-            name: TrainConfig.from_profile(p.name, opt_options=o, **lamb)
+            name: TrainConfig.from_profile(p.name, opt_options=o, callbacks=[TrustRatios()], **lamb)
             for name, o in lambs.items()
         }
         configs["AdamW"] = TrainConfig.from_profile(

@@ -36,18 +36,13 @@ import ipywidgets as W
 from tqdm.auto import tqdm
 
 from lessons import data as data_mod
+from lessons.compute import resolve
+from lessons.config import Metrics, TrainConfig
 from lessons.profiles import pick_device
-from lessons.train import (
-    Metrics,
-    TrainConfig,
-    concurrent_by_default,
-    free_openmp_threads,
-    load_data,
-    precision,
-    train,
-    train_many,
-    warm_up,
-)
+from lessons.sweep import concurrent_by_default, train_many
+from lessons.train import load_data, train
+from lessons.tuning import free_openmp_threads
+from lessons.warmup import warm_up
 
 COLORS = [
     "#1f77b4",
@@ -1340,7 +1335,7 @@ class LiveRun:
         """Train one config into a new RunRecord of the current group; say how it ended."""
         run = self._start_run(values, name, config, ds)
         self._set_status(
-            f"Running {run.label}{of} on {ds.device}, {precision(config, ds.device)} "
+            f"Running {run.label}{of} on {ds.device}, {resolve(config, ds.device).precision} "
             f"({ds.name}).{_notice(ds)}"
             + (f" {self.front_end_notice}" if self.front_end_notice else ""),
             "warn" if ds.notice or self.front_end_notice else "info",
@@ -1374,7 +1369,7 @@ class LiveRun:
         ds = next(iter(data.values()))
         self._set_status(
             f"Running {len(runs)} runs side by side on {ds.device}, "
-            f"{precision(next(iter(configs.values())), ds.device)} ({ds.name}): "
+            f"{resolve(next(iter(configs.values())), ds.device).precision} ({ds.name}): "
             f"{self.label(values)}.{_notice(ds)}",
             "warn" if ds.notice else "info",
         )
@@ -1423,7 +1418,7 @@ class LiveRun:
                 meta={
                     "profile": config.profile,
                     "device": str(ds.device),
-                    "precision": precision(config, ds.device),
+                    "precision": resolve(config, ds.device).precision,
                     "dataset": ds.name,
                     "notice": ds.notice,
                     "time": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -8,8 +8,8 @@ import html
 import ipywidgets as W
 
 from lessons import scaling as S
+from lessons.config import TrainConfig, epoch_train_loss
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig, epoch_train_loss
 from widgets.live import STYLE, LiveRun, Series, Trace, log_slider
 
 SIZES = (16, 32, 64, 128, 256, 512)

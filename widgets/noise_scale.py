@@ -8,8 +8,9 @@ import html
 import ipywidgets as W
 
 from lessons import noise as N
+from lessons.callbacks import NoiseScale
+from lessons.config import TrainConfig, epoch_train_loss
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig, epoch_train_loss
 from widgets.live import STYLE, LiveRun, Trace, log_slider
 
 REFERENCE = "reference"  # the control's key
@@ -127,7 +128,11 @@ def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
             plans[REFERENCE_NAME] = dict(lr=float(v["lr"]), batch=int(v["batch"]))
         return {
             name: TrainConfig.from_profile(
-                p.name, epochs=epochs, momentum=float(v["momentum"]), **o
+                p.name,
+                epochs=epochs,
+                momentum=float(v["momentum"]),
+                callbacks=[NoiseScale()],
+                **o,
             )
             for name, o in plans.items()
         }

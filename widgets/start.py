@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ipywidgets as W
 
+from lessons.config import TrainConfig
 from lessons.profiles import get_profile
-from lessons.train import TrainConfig
 from widgets.live import STYLE, LiveRun, log_slider
 
 BATCHES = (16, 32, 64, 128, 256, 512, 1024)
