@@ -150,7 +150,7 @@ def test_readme_has_a_colab_badge_per_notebook_for_the_setup_cells_repository():
 
 
 def test_readme_reliability_table_names_tests_that_exist():
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "tests" / "README.md").read_text()
     section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     named = re.findall(r"`(tests/[\w/]+\.py)(?:::(\w+))?`", section)
     assert len(named) >= 12
