@@ -65,8 +65,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lessons import data
+from lessons import data, imagenette
 from lessons import scaling as S
+from lessons.augment import MEAN, STD, augment, normalize
 from lessons.profiles import get_profile, pick_device
 from lessons.train import (
     MALLOC_TUNABLES,
@@ -91,10 +92,10 @@ class FolderDataset(torch.utils.data.Dataset):
     """The conventional pipeline: one JPEG decoded and augmented per item, on the CPU."""
 
     def __init__(self, folder, split: str, size: int):
-        self.files, self.labels, _ = data.list_split(folder, split)
+        self.files, self.labels, _ = imagenette.list_split(folder, split)
         self.size = size
-        self.mean = np.asarray(data.MEAN, np.float32) * 255
-        self.std = np.asarray(data.STD, np.float32) * 255
+        self.mean = np.asarray(MEAN, np.float32) * 255
+        self.std = np.asarray(STD, np.float32) * 255
 
     def __len__(self):
         return len(self.files)
@@ -173,7 +174,7 @@ def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: in
     dtype, scaler = autocast_and_scaler(config, device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     idx = torch.randperm(ds.n_train, generator=gen, device=device)[: config.batch]
-    x = data.augment(data.normalize(ds.train_x[idx]), gen)
+    x = augment(normalize(ds.train_x[idx]), gen)
     x = x.contiguous(memory_format=torch.channels_last)
     y = ds.train_y[idx]
     model, opt = _model_and_optimizer(config, device, len(ds.classes))
@@ -364,7 +365,7 @@ def run_bench(
         )
     except data.DatasetUnavailable:
         name = "shapes"
-        n_train, n_val = data.IMAGENETTE_COUNTS["train"], data.IMAGENETTE_COUNTS["val"]
+        n_train, n_val = imagenette.IMAGENETTE_COUNTS["train"], imagenette.IMAGENETTE_COUNTS["val"]
         notice = (
             "Imagenette unavailable: measured on the generated data set at Imagenette's "
             f"size ({n_train:,} train / {n_val:,} val images, 160 px archive)"

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lessons import data as data_mod
+from lessons.augment import augment, normalize
 from lessons.models import NORMS, make_model
 from lessons.noise import noise_scale
 from lessons.optim import InvariantAdamW, Lamb
@@ -493,7 +494,7 @@ def evaluate(
     correct = torch.zeros((), device=ds.device, dtype=torch.long)
     with torch.no_grad(), autocast(ds.device, dtype):
         for i in range(0, ds.val_x.shape[0], batch):
-            x = data_mod.normalize(ds.val_x[i : i + batch])
+            x = normalize(ds.val_x[i : i + batch])
             if channels_last_on(ds.device):
                 x = x.contiguous(memory_format=torch.channels_last)
             y = ds.val_y[i : i + batch]
@@ -669,9 +670,9 @@ def train(
                     yield marker("stopped")
                     return
                 idx = perm[i * batch : (i + 1) * batch]
-                x = data_mod.normalize(ds.train_x[idx])
+                x = normalize(ds.train_x[idx])
                 if c.augment:
-                    x = data_mod.augment(x, gen)
+                    x = augment(x, gen)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = ds.train_y[idx]

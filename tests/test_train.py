@@ -534,6 +534,7 @@ def test_lessons_imports_without_ui_libraries():
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import lessons.data, lessons.train, lessons.models, lessons.profiles, lessons.bench\n"
+        "import lessons.imagenette, lessons.shapes, lessons.augment\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -634,14 +635,14 @@ def test_concurrent_by_default_only_on_cuda(monkeypatch):
 
 def test_gpu_and_cpu_fall_back_to_generated_data_of_imagenettes_size():
     # offline, a lesson's batch sizes (up to 2048 in lesson 3) must still fit the data set
-    from lessons import data
+    from lessons import imagenette
     from lessons.profiles import get_profile
 
     for name in ("gpu", "cpu"):
         p = get_profile(name)
         assert (p.n_train, p.n_val) == (
-            data.IMAGENETTE_COUNTS["train"],
-            data.IMAGENETTE_COUNTS["val"],
+            imagenette.IMAGENETTE_COUNTS["train"],
+            imagenette.IMAGENETTE_COUNTS["val"],
         )
 
 
