@@ -4,8 +4,11 @@ loopback HTTP server, through download, extraction, decoding and the verified ca
 import hashlib
 import http.server
 import io
+import runpy
+import sys
 import tarfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lessons import augment, data, imagenette, shapes
+from lessons import augment, data, imagenette, profiles, shapes
 
 
 class ArchiveServer:
@@ -182,6 +185,23 @@ def test_refused_connection_says_how_to_place_the_archive(data_root):
         )
     assert manifest["dataset"] == "shapes" and "GENERATED" in notice
     assert arrays["train_x"].shape == (20, 24, 24, 3)
+
+
+def test_prepare_command_falls_back_when_offline(data_root, monkeypatch, capsys):
+    """`python -m lessons.data --prepare` runs data.py a second time, as __main__; its
+    offline fallback must still catch the error that lessons.imagenette raises."""
+    with socket_closed_port() as port:
+        spec = imagenette.ArchiveSpec(f"http://127.0.0.1:{port}/x.tgz", "x.tgz", 10, None, "x")
+    ci = profiles.get_profile("ci", dataset="imagenette", n_train=20, n_val=10)
+    monkeypatch.setattr(imagenette, "IMAGENETTE", spec)
+    monkeypatch.setattr(profiles, "get_profile", lambda name=None: ci)
+    monkeypatch.setattr(sys, "argv", ["lessons.data", "--prepare"])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as done:
+        warnings.simplefilter("ignore", RuntimeWarning)  # lessons.data is already imported
+        runpy.run_module("lessons.data", run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "profile ci: shapes" in out and "GENERATED" in out
 
 
 class socket_closed_port:
