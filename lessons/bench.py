@@ -65,8 +65,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lessons import data
+from lessons import data, imagenette
 from lessons import scaling as S
+from lessons.augment import MEAN, STD, augment, normalize
 from lessons.callbacks import TrustRatios
 from lessons.compute import (
     backward_step,
@@ -88,10 +89,10 @@ class FolderDataset(torch.utils.data.Dataset):
     """The conventional pipeline: one JPEG decoded and augmented per item, on the CPU."""
 
     def __init__(self, folder, split: str, size: int):
-        self.files, self.labels, _ = data.list_split(folder, split)
+        self.files, self.labels, _ = imagenette.list_split(folder, split)
         self.size = size
-        self.mean = np.asarray(data.MEAN, np.float32) * 255
-        self.std = np.asarray(data.STD, np.float32) * 255
+        self.mean = np.asarray(MEAN, np.float32) * 255
+        self.std = np.asarray(STD, np.float32) * 255
 
     def __len__(self):
         return len(self.files)
@@ -170,7 +171,7 @@ def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: in
     dtype, scaler = compute.dtype, compute.scaler()
     gen = torch.Generator(device=device).manual_seed(config.seed)
     idx = torch.randperm(ds.n_train, generator=gen, device=device)[: config.batch]
-    x = compute.memory(data.augment(data.normalize(ds.train_x[idx]), gen))
+    x = compute.memory(augment(normalize(ds.train_x[idx]), gen))
     y = ds.train_y[idx]
     for i in range(warmup + steps):
         if i == warmup:
@@ -359,7 +360,7 @@ def run_bench(
         )
     except data.DatasetUnavailable:
         name = "shapes"
-        n_train, n_val = data.IMAGENETTE_COUNTS["train"], data.IMAGENETTE_COUNTS["val"]
+        n_train, n_val = imagenette.IMAGENETTE_COUNTS["train"], imagenette.IMAGENETTE_COUNTS["val"]
         notice = (
             "Imagenette unavailable: measured on the generated data set at Imagenette's "
             f"size ({n_train:,} train / {n_val:,} val images, 160 px archive)"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lessons import data as data_mod
+from lessons.augment import normalize
 from lessons.callbacks import EpochEnd
 from lessons.models import make_model
 from lessons.noise import gradient_moments
@@ -95,7 +95,7 @@ def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> Ep
     to ``n`` training images, reported as {"b_simple": value} in the eval record."""
 
     def probe(model, ds, epoch):
-        x = data_mod.normalize(ds.train_x[:n])
+        x = normalize(ds.train_x[:n])
         if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # as the engine's batches
         return {

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lessons import data as data_mod
+from lessons.augment import augment, normalize
 from lessons.compute import (
     Compute,
     autocast,
@@ -189,7 +190,7 @@ def evaluate(
     dtype = compute.dtype if compute is not None else None
     with torch.no_grad(), autocast(ds.device, dtype):
         for i in range(0, ds.val_x.shape[0], batch):
-            x = data_mod.normalize(ds.val_x[i : i + batch])
+            x = normalize(ds.val_x[i : i + batch])
             if compute is not None:
                 x = compute.memory(x)
             y = ds.val_y[i : i + batch]
@@ -313,9 +314,9 @@ def _batch(run: Run, idx: torch.Tensor, gen: torch.Generator):
     """The training images at ``idx``, normalised, augmented and in the run's memory format,
     and their labels."""
     ds = run.dataset
-    x = data_mod.normalize(ds.train_x[idx])
+    x = normalize(ds.train_x[idx])
     if run.config.augment:
-        x = data_mod.augment(x, gen)
+        x = augment(x, gen)
     return run.compute.memory(x), ds.train_y[idx]
 
 

@@ -4,8 +4,11 @@ loopback HTTP server, through download, extraction, decoding and the verified ca
 import hashlib
 import http.server
 import io
+import runpy
+import sys
 import tarfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lessons import data
+from lessons import augment, data, imagenette, profiles, shapes
 
 
 class ArchiveServer:
@@ -60,20 +63,22 @@ class ArchiveServer:
 def fake_imagenette(tmp_path_factory):
     """A small archive with Imagenette's exact layout: imagenette2-160/{train,val}/<wnid>/."""
     path = tmp_path_factory.mktemp("archive") / "imagenette2-160.tgz"
-    data.make_shapes_archive(
+    shapes.make_shapes_archive(
         path,
         n_train=40,
         n_val=20,
         seed=3,
         root_name="imagenette2-160",
-        class_dirs=list(data.IMAGENETTE_CLASSES),
+        class_dirs=list(imagenette.IMAGENETTE_CLASSES),
     )
     payload = path.read_bytes()
     return payload, hashlib.md5(payload).hexdigest()
 
 
-def spec_for(server: ArchiveServer, payload: bytes, md5: str) -> data.ArchiveSpec:
-    return data.ArchiveSpec(server.url, "imagenette2-160.tgz", len(payload), md5, "imagenette2-160")
+def spec_for(server: ArchiveServer, payload: bytes, md5: str) -> imagenette.ArchiveSpec:
+    return imagenette.ArchiveSpec(
+        server.url, "imagenette2-160.tgz", len(payload), md5, "imagenette2-160"
+    )
 
 
 @pytest.fixture
@@ -90,11 +95,11 @@ def serve():
 
 
 def test_imagenette_facts_in_one_place():
-    assert data.IMAGENETTE.url.endswith("/imagenette2-160.tgz")
-    assert data.IMAGENETTE.bytes == 99_003_388
-    assert data.IMAGENETTE.md5 == "e793b78cc4c9e9a4ccc0c1155377a412"
-    assert list(data.IMAGENETTE_CLASSES.values())[0] == "tench"
-    assert len(data.IMAGENETTE_CLASSES) == 10
+    assert imagenette.IMAGENETTE.url.endswith("/imagenette2-160.tgz")
+    assert imagenette.IMAGENETTE.bytes == 99_003_388
+    assert imagenette.IMAGENETTE.md5 == "e793b78cc4c9e9a4ccc0c1155377a412"
+    assert list(imagenette.IMAGENETTE_CLASSES.values())[0] == "tench"
+    assert len(imagenette.IMAGENETTE_CLASSES) == 10
 
 
 def test_good_archive_downloads_extracts_decodes_and_caches(fake_imagenette, serve, data_root):
@@ -107,13 +112,13 @@ def test_good_archive_downloads_extracts_decodes_and_caches(fake_imagenette, ser
     assert not (data_root / "imagenette2-160.tgz.part").exists()
     assert arrays["train_x"].shape == (40, 24, 24, 3) and arrays["train_x"].dtype == np.uint8
     assert arrays["val_x"].shape == (20, 24, 24, 3)
-    assert manifest["class_dirs"] == sorted(data.IMAGENETTE_CLASSES)
+    assert manifest["class_dirs"] == sorted(imagenette.IMAGENETTE_CLASSES)
     # labels follow the folders: four of each class in train
     assert np.bincount(arrays["train_y"]).tolist() == [4] * 10
     # decoding matches an independent decode of the same file
     folder = data_root / "imagenette2-160-extracted" / "imagenette2-160" / "train"
     first = sorted((folder / manifest["class_dirs"][0]).iterdir())[0]
-    assert np.array_equal(arrays["train_x"][0], data.load_image(first, 24))
+    assert np.array_equal(arrays["train_x"][0], imagenette.load_image(first, 24))
     # a second call uses the cache and does not download again
     data.prepare_arrays("imagenette", 24, source=spec, progress=False)
     assert len(server.requests) == 1
@@ -163,7 +168,7 @@ def test_server_without_range_support_restarts_cleanly(fake_imagenette, serve, d
 
 def test_refused_connection_says_how_to_place_the_archive(data_root):
     with socket_closed_port() as port:
-        spec = data.ArchiveSpec(
+        spec = imagenette.ArchiveSpec(
             f"http://127.0.0.1:{port}/imagenette2-160.tgz",
             "imagenette2-160.tgz",
             123,
@@ -180,6 +185,23 @@ def test_refused_connection_says_how_to_place_the_archive(data_root):
         )
     assert manifest["dataset"] == "shapes" and "GENERATED" in notice
     assert arrays["train_x"].shape == (20, 24, 24, 3)
+
+
+def test_prepare_command_falls_back_when_offline(data_root, monkeypatch, capsys):
+    """`python -m lessons.data --prepare` runs data.py a second time, as __main__; its
+    offline fallback must still catch the error that lessons.imagenette raises."""
+    with socket_closed_port() as port:
+        spec = imagenette.ArchiveSpec(f"http://127.0.0.1:{port}/x.tgz", "x.tgz", 10, None, "x")
+    ci = profiles.get_profile("ci", dataset="imagenette", n_train=20, n_val=10)
+    monkeypatch.setattr(imagenette, "IMAGENETTE", spec)
+    monkeypatch.setattr(profiles, "get_profile", lambda name=None: ci)
+    monkeypatch.setattr(sys, "argv", ["lessons.data", "--prepare"])
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as done:
+        warnings.simplefilter("ignore", RuntimeWarning)  # lessons.data is already imported
+        runpy.run_module("lessons.data", run_name="__main__")
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "profile ci: shapes" in out and "GENERATED" in out
 
 
 class socket_closed_port:
@@ -210,7 +232,7 @@ def _tar_with(tmp_path: Path, member: tarfile.TarInfo, content: bytes = b"x") ->
 def test_extract_rejects_unsafe_paths(tmp_path, name):
     archive = _tar_with(tmp_path, tarfile.TarInfo(name))
     with pytest.raises(data.DataError, match="unsafe path"):
-        data.safe_extract(archive, tmp_path / "out")
+        imagenette.safe_extract(archive, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path.parent / "escape.txt").exists()
 
 
@@ -218,7 +240,7 @@ def test_extract_rejects_links(tmp_path):
     link = tarfile.TarInfo("root/link")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with pytest.raises(data.DataError, match="link"):
-        data.safe_extract(_tar_with(tmp_path, link), tmp_path / "out")
+        imagenette.safe_extract(_tar_with(tmp_path, link), tmp_path / "out")
 
 
 def test_corrupt_or_partial_cache_is_rebuilt_never_used(data_root):
@@ -241,9 +263,9 @@ def test_corrupt_or_partial_cache_is_rebuilt_never_used(data_root):
 
 
 def test_generated_data_is_deterministic_from_its_seed(tmp_path):
-    a = data.make_shapes_archive(tmp_path / "a.tgz", 10, 10, seed=5)
-    b = data.make_shapes_archive(tmp_path / "b.tgz", 10, 10, seed=5)
-    c = data.make_shapes_archive(tmp_path / "c.tgz", 10, 10, seed=6)
+    a = shapes.make_shapes_archive(tmp_path / "a.tgz", 10, 10, seed=5)
+    b = shapes.make_shapes_archive(tmp_path / "b.tgz", 10, 10, seed=5)
+    c = shapes.make_shapes_archive(tmp_path / "c.tgz", 10, 10, seed=6)
 
     def images(archive):
         with tarfile.open(archive) as tar:
@@ -260,7 +282,7 @@ def test_load_image_shrinks_on_decode_and_centre_crops(tmp_path):
     img = np.zeros((160, 240, 3), np.uint8)
     img[:, 40:200] = 255  # a white square in the middle of a wide image
     Image.fromarray(img).save(tmp_path / "x.JPEG", quality=95)
-    out = data.load_image(tmp_path / "x.JPEG", 32)
+    out = imagenette.load_image(tmp_path / "x.JPEG", 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     assert out.mean() > 240  # the centre crop is the white square
 
@@ -268,9 +290,11 @@ def test_load_image_shrinks_on_decode_and_centre_crops(tmp_path):
 def test_augment_identity_and_flip():
     x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
     g = torch.Generator().manual_seed(0)
-    same = data.augment(x, g, min_scale=1.0, flip=False)
+    same = augment.augment(x, g, min_scale=1.0, flip=False)
     assert torch.allclose(same, x, atol=1e-4)
-    flipped = [data.augment(x, torch.Generator().manual_seed(s), min_scale=1.0) for s in range(8)]
+    flipped = [
+        augment.augment(x, torch.Generator().manual_seed(s), min_scale=1.0) for s in range(8)
+    ]
     # with full-size crops every output is the image or its mirror, and both occur
     kinds = {
         (
@@ -283,7 +307,7 @@ def test_augment_identity_and_flip():
         for f in flipped
     }
     assert kinds == {"same", "mirror"}
-    crops = data.augment(x, torch.Generator().manual_seed(1), min_scale=0.35)
+    crops = augment.augment(x, torch.Generator().manual_seed(1), min_scale=0.35)
     assert crops.shape == x.shape and not torch.allclose(crops, x)
 
 
@@ -301,13 +325,13 @@ def test_crop_grid_matches_affine_grid():
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx, tx, sy, ty
     ref = torch.nn.functional.affine_grid(theta, [n, 3, h, w], align_corners=False)
-    grid = data.crop_grid(sx, tx, sy, ty, h, w)
+    grid = augment.crop_grid(sx, tx, sy, ty, h, w)
     assert grid.shape == ref.shape == (n, h, w, 2)
     assert torch.allclose(grid, ref, atol=1e-6)
 
 
 def test_normalize_uses_imagenet_statistics():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
-    out = data.normalize(x)
-    expect = [(1 - m) / s for m, s in zip(data.MEAN, data.STD)]
+    out = augment.normalize(x)
+    expect = [(1 - m) / s for m, s in zip(augment.MEAN, augment.STD)]
     assert torch.allclose(out[0, :, 0, 0], torch.tensor(expect), atol=1e-5)

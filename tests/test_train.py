@@ -216,12 +216,12 @@ def test_lessons_imports_without_ui_libraries():
 
 def test_gpu_and_cpu_fall_back_to_generated_data_of_imagenettes_size():
     # offline, a lesson's batch sizes (up to 2048 in lesson 3) must still fit the data set
-    from lessons import data
+    from lessons import imagenette
     from lessons.profiles import get_profile
 
     for name in ("gpu", "cpu"):
         p = get_profile(name)
         assert (p.n_train, p.n_val) == (
-            data.IMAGENETTE_COUNTS["train"],
-            data.IMAGENETTE_COUNTS["val"],
+            imagenette.IMAGENETTE_COUNTS["train"],
+            imagenette.IMAGENETTE_COUNTS["val"],
         )

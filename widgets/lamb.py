@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from lessons import data as data_mod
+from lessons.augment import normalize
 from lessons.callbacks import TrustRatios
 from lessons.config import TrainConfig
 from lessons.models import make_model
@@ -46,7 +47,7 @@ class StepInspector:
         ds = data_mod.load(
             p.dataset, p.size, "cpu", n_train=p.n_train, n_val=p.n_val, progress=False
         )
-        self.x = data_mod.normalize(ds.train_x[:batch])
+        self.x = normalize(ds.train_x[:batch])
         self.y = ds.train_y[:batch]
         self.classes = len(ds.classes)
         self.seed = seed
