@@ -41,6 +41,9 @@ rate scaled linearly, lessons.scaling's "sgd-linear" rule), the model alone (bar
 ratio to the same run's baseline) and one default-length run (seconds, val accuracy): what it
 would take to reach a speedup of 20 on a GPU, and what each choice costs in accuracy.
 
+The measurements themselves live in lessons.throughput (in this process) and
+lessons.fresh_process (each in a new process); this module sequences them and prints them.
+
 Where Imagenette cannot be had, the bench uses the generated data set at Imagenette's size
 (9,469 train / 3,925 val images of 160 px) and says so in its output.
 """
@@ -49,292 +52,174 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
 import statistics
-import subprocess
-import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from lessons import data, imagenette
-from lessons import scaling as S
-from lessons.augment import MEAN, STD, augment, normalize
 from lessons.callbacks import TrustRatios
-from lessons.compute import (
-    backward_step,
-    cuda_fp16_only,
-    forward_loss,
-    native_bf16,
-    resolve,
-    use_fused,
-)
+from lessons.compute import cuda_fp16_only, native_bf16, resolve, use_fused
 from lessons.config import TrainConfig
-from lessons.profiles import get_profile, pick_device
+from lessons.fresh_process import MALLOC_FIELDS, cold_first_points, malloc_effect
+from lessons.profiles import Profile, get_profile, pick_device
 from lessons.sweep import train_many
-from lessons.train import build_model_and_optimizer, train
-from lessons.tuning import MALLOC_TUNABLES, free_openmp_threads
-from lessons.warmup import warm_up
-
-
-class FolderDataset(torch.utils.data.Dataset):
-    """The conventional pipeline: one JPEG decoded and augmented per item, on the CPU."""
-
-    def __init__(self, folder, split: str, size: int):
-        self.files, self.labels, _ = imagenette.list_split(folder, split)
-        self.size = size
-        self.mean = np.asarray(MEAN, np.float32) * 255
-        self.std = np.asarray(STD, np.float32) * 255
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        rng = np.random.default_rng()
-        with Image.open(self.files[i]) as im:
-            im = im.convert("RGB")
-        w, h = im.size
-        side = min(w, h) * math.sqrt(rng.uniform(0.35, 1.0))
-        left, top = rng.uniform(0, w - side), rng.uniform(0, h - side)
-        im = im.resize(
-            (self.size, self.size), Image.BILINEAR, box=(left, top, left + side, top + side)
-        )
-        if rng.random() < 0.5:
-            im = im.transpose(Image.FLIP_LEFT_RIGHT)
-        x = (np.asarray(im, np.float32) - self.mean) / self.std
-        return torch.from_numpy(x.transpose(2, 0, 1).copy()), self.labels[i]
-
-
-def _model_and_optimizer(config: TrainConfig, device: torch.device, classes: int = 10):
-    """The engine's model and optimizer, built as train builds them, and how they compute."""
-    compute = resolve(config, device)
-    return (*build_model_and_optimizer(config, compute, classes), compute)
-
-
-def _step(model, opt, x, y, dtype, scaler=None) -> torch.Tensor:
-    """One training step as the engine takes it; the loss, on the device."""
-    opt.zero_grad(set_to_none=True)
-    loss = forward_loss(model, x, y, dtype)
-    backward_step(loss, opt, scaler)
-    return loss
-
-
-def baseline_img_per_s(
-    config: TrainConfig, folder, device: torch.device, steps: int, warmup: int, workers: int
-) -> float:
-    ds = FolderDataset(folder, "train", config.size)
-    loader = torch.utils.data.DataLoader(
-        ds,
-        batch_size=config.batch,
-        shuffle=True,
-        drop_last=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
-    model, opt, compute = _model_and_optimizer(config, device)  # as the engine: only data differs
-    cuda = device.type == "cuda"
-    dtype, scaler = compute.dtype, compute.scaler()
-    done, t0 = 0, None
-    while done < warmup + steps:
-        for x, y in loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
-            loss = _step(model, opt, x, y, dtype, scaler)
-            done += 1
-            if done == warmup:
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-            if done >= warmup + steps:
-                break
-    loss.item()
-    return steps * config.batch / (time.perf_counter() - t0)
-
-
-def bare_img_per_s(config: TrainConfig, ds: data.Dataset, steps: int, warmup: int = 5) -> float:
-    """The model alone: forward, backward and optimizer step on one batch already on the
-    device, normalised, augmented and in channels_last, as the engine's steps see it, and no
-    data path at all. No pipeline can feed the model faster than this, so bare / baseline is
-    the ceiling of ``speedup``, and engine / bare what the engine's data path costs."""
-    device = ds.device
-    cuda = device.type == "cuda"
-    model, opt, compute = _model_and_optimizer(config, device, len(ds.classes))
-    dtype, scaler = compute.dtype, compute.scaler()
-    gen = torch.Generator(device=device).manual_seed(config.seed)
-    idx = torch.randperm(ds.n_train, generator=gen, device=device)[: config.batch]
-    x = compute.memory(augment(normalize(ds.train_x[idx]), gen))
-    y = ds.train_y[idx]
-    for i in range(warmup + steps):
-        if i == warmup:
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        loss = _step(model, opt, x, y, dtype, scaler)
-    loss.item()
-    return steps * config.batch / (time.perf_counter() - t0)
-
-
-def engine_img_per_s(config: TrainConfig, ds: data.Dataset) -> float:
-    """Images per second between the first step's loss and the last (both host syncs)."""
-    first = last = None
-    for rec in train(config, dataset=ds):
-        if rec.kind == "train":
-            if first is None:
-                first = (rec.samples, time.perf_counter())
-            last = (rec.samples, time.perf_counter())
-    return (last[0] - first[0]) / (last[1] - first[1])
-
-
-def in_thread(fn, *args):
-    """fn(*args) in a new thread, as a widget's worker runs training; its result."""
-    out = []
-    worker = threading.Thread(target=lambda: out.append(fn(*args)))
-    worker.start()
-    worker.join()
-    return out[0]
-
-
-def _engine_child(config_json: str, name: str, size: int, n_train: int, n_val: int) -> None:
-    """In a fresh process (see malloc_effect): load the data, train as a widget does (in a
-    worker thread, after torch work on the main thread), print one JSON line."""
-    ds = data.load(name, size, torch.device("cpu"), n_train=n_train, n_val=n_val, progress=False)
-    fields = json.loads(config_json)  # JSON gives lists back where the config had tuples
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    engine_img_per_s(replace(config, max_steps=10), ds)  # warm up, on the main thread
-    free_openmp_threads()
-
-    def measure() -> tuple[float, float]:
-        engine_img_per_s(replace(config, max_steps=10), ds)  # this thread's malloc arena grows
-        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        rate = engine_img_per_s(config, ds)
-        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / config.max_steps
-
-    rate, faults = in_thread(measure)
-    print(json.dumps({"img_per_s": rate, "faults_per_step": faults}))
-
-
-def _child_json(code: str, what: str, env: dict | None = None) -> dict:
-    """Run ``code`` in a fresh Python process and return the JSON object its last line holds;
-    a failed child raises RuntimeError with its stderr."""
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the {what}'s child process failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-MALLOC_SETTINGS = {  # name: (LESSONS_KEEP_MEMORY, whether GLIBC_TUNABLES has MALLOC_TUNABLES)
-    "default": ("0", False),  # glibc's own, self-adjusting thresholds
-    "kept": ("1", False),  # keep_freed_memory(), as train() sets on a CPU
-    "one_arena": ("1", True),  # and one malloc arena for all threads, as make lab/test/bench run
-}
-MALLOC_FIELDS = tuple(
-    f"malloc_{name}_{what}"
-    for name in MALLOC_SETTINGS
-    for what in ("img_per_s", "faults_per_step", "speedup")
-    if not (name == "default" and what == "speedup")
+from lessons.throughput import (
+    bare_img_per_s,
+    baseline_img_per_s,
+    candidate_runs,
+    engine_img_per_s,
+    first_point_s,
+    in_thread,
 )
+from lessons.train import train
+from lessons.tuning import free_openmp_threads
+
+WARMUP = 5  # untimed steps before a timing
 
 
-def malloc_effect(config: TrainConfig, name: str, size: int, n_train: int, n_val: int) -> dict:
-    """The engine under each of MALLOC_SETTINGS, each in a fresh process (malloc's settings
-    cannot be undone in this one), on the same data (data.load's arguments) and config."""
-    fields = {k: v for k, v in config.__dict__.items() if not callable(v) and k != "callbacks"}
-    args = [json.dumps(fields), name, size, n_train, n_val]
-    code = f"from lessons.bench import _engine_child; _engine_child(*{args!r})"
-    theirs = [
-        t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and t != MALLOC_TUNABLES
-    ]
-    out = {}
-    for setting, (keep, one_arena) in MALLOC_SETTINGS.items():
-        tunables = ":".join(theirs + [MALLOC_TUNABLES] * one_arena)
-        env = {**os.environ, "LESSONS_KEEP_MEMORY": keep, "LESSONS_DEVICE": "cpu"}
-        env.pop("GLIBC_TUNABLES", None)
-        if tunables:
-            env["GLIBC_TUNABLES"] = tunables
-        out[setting] = _child_json(code, "malloc measurement", env)
-    result = {}
-    for setting, r in out.items():
-        result[f"malloc_{setting}_img_per_s"] = round(r["img_per_s"], 1)
-        result[f"malloc_{setting}_faults_per_step"] = round(r["faults_per_step"])
-        if setting != "default":
-            speedup = r["img_per_s"] / out["default"]["img_per_s"]
-            result[f"malloc_{setting}_speedup"] = round(speedup, 2)
-    return result
+def bench_data(profile: Profile, device: torch.device, progress: bool):
+    """The profile's data on the device: Imagenette where it can be had, else the generated
+    set at Imagenette's size. Returns the data set, data.load's (name, n_train, n_val) for it,
+    and a notice that says which (None for the profile's own)."""
+    source = (profile.dataset, profile.n_train, profile.n_val)
+    try:
+        ds = data.load(
+            source[0],
+            profile.size,
+            device,
+            n_train=source[1],
+            n_val=source[2],
+            fallback=False,
+            progress=progress,
+        )
+        return ds, source, None
+    except data.DatasetUnavailable:
+        counts = imagenette.IMAGENETTE_COUNTS
+        source = ("shapes", counts["train"], counts["val"])
+        notice = (
+            "Imagenette unavailable: measured on the generated data set at Imagenette's "
+            f"size ({source[1]:,} train / {source[2]:,} val images, 160 px archive)"
+        )
+        ds = data.load(
+            source[0], profile.size, device, n_train=source[1], n_val=source[2], progress=progress
+        )
+        return ds, source, notice
 
 
-def _first_point_child(profile_name: str, name: str, n_train: int, n_val: int, warm: bool):
-    """In a fresh process (see cold_first_points): load the data on the device, warm_up()
-    where ``warm``, then time one run's first point; print one JSON line."""
-    c = TrainConfig.from_profile(profile_name, dataset=name, n_train=n_train, n_val=n_val)
-    device = pick_device()
-    ds = data.load(name, c.size, device, n_train=n_train, n_val=n_val, progress=False)
-    if warm:
-        warm_up()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    print(json.dumps({"first_point_s": first_point_s(c, ds, repeats=1)}))
+def _median_rate(config: TrainConfig, ds, repeats: int = 3) -> float:
+    engine_img_per_s(replace(config, max_steps=WARMUP), ds)  # warm up
+    return statistics.median(engine_img_per_s(config, ds) for _ in range(repeats))
 
 
-def cold_first_points(profile_name: str, name: str, n_train: int, n_val: int) -> dict:
-    """The first run's first point in a fresh process, without and after warm_up()."""
-    out = {}
-    for warm, key in ((False, "cold_first_point_s"), (True, "warmed_first_point_s")):
-        args = [profile_name, name, n_train, n_val, warm]
-        code = f"from lessons.bench import _first_point_child; _first_point_child(*{args!r})"
-        out[key] = round(_child_json(code, "first-point measurement")["first_point_s"], 4)
+def precision_rates(timed: TrainConfig, ds) -> dict:
+    """float32 against the autocast this device computes faster: bf16 where it has bf16
+    hardware, fp16 (loss-scaled) on a GPU with float16 tensor cores only."""
+    device = ds.device
+    fast = "bf16" if native_bf16(device) else "fp16" if cuda_fp16_only(device) else None
+    rates = {}
+    for kind in ("fp32", fast) if fast else ():
+        rates[kind] = _median_rate(replace(timed, bf16=kind == "bf16", fp16=kind == "fp16"), ds)
+    out = {"native_bf16": native_bf16(device)}
+    for kind in ("fp32", "bf16", "fp16"):
+        out[f"engine_{kind}_img_per_s"] = round(rates[kind], 1) if kind in rates else None
+    for kind in ("bf16", "fp16"):
+        speedup = rates[kind] / rates["fp32"] if kind in rates else None
+        out[f"{kind}_speedup"] = round(speedup, 2) if speedup else None
     return out
 
 
-def first_point_s(config: TrainConfig, ds: data.Dataset, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
+def micro_batch_rates(timed: TrainConfig, ds, steps: int) -> dict:
+    """Invariant Adam's micro-batches: a backward per micro-batch against one torch.func pass."""
+    micro = replace(
+        timed,
+        optimizer="invariant-adamw",
+        norm="layer",
+        lr=1e-3,
+        micro_batch=max(1, timed.batch // 8),
+        max_steps=max(10, steps // 3) + 1,
+    )
+    rates = {}
+    for vm in (False, True):
+        engine_img_per_s(replace(micro, micro_vmap=vm, max_steps=3), ds)  # warm up
+        rates[vm] = engine_img_per_s(replace(micro, micro_vmap=vm), ds)
+    return {
+        "micro_loop_img_per_s": round(rates[False], 1),
+        "micro_vmap_img_per_s": round(rates[True], 1),
+        "micro_vmap_speedup": round(rates[True] / rates[False], 2),
+    }
+
+
+def optimizer_rates(short: TrainConfig, ds) -> dict:
+    """LAMB with its trust ratios recorded (as lesson 3 trains it) against AdamW, and AdamW's
+    fused step against torch's default."""
+    rates = {}
+    for opt_name, extra in (
+        ("adamw", {}),
+        ("lamb", dict(callbacks=(TrustRatios(),))),
+        ("adamw-unfused", dict(fused=False)),
+    ):
+        one = replace(short, optimizer=opt_name.removesuffix("-unfused"), lr=1e-3, **extra)
+        engine_img_per_s(replace(one, max_steps=WARMUP), ds)  # warm up
+        rates[opt_name] = engine_img_per_s(one, ds)
+    return {
+        "adamw_img_per_s": round(rates["adamw"], 1),
+        "lamb_img_per_s": round(rates["lamb"], 1),
+        "lamb_over_adamw": round(rates["lamb"] / rates["adamw"], 2),
+        "adamw_fused": use_fused(short, torch.optim.AdamW, ds.device),
+        "adamw_unfused_img_per_s": round(rates["adamw-unfused"], 1),
+        "fused_adamw_speedup": round(rates["adamw"] / rates["adamw-unfused"], 2),
+    }
+
+
+def thread_rates(short: TrainConfig, ds) -> dict:
+    """The engine in a worker thread, as a widget runs it, after torch work on the main thread:
+    as is, and after freeing the main thread's OpenMP workers."""
+    as_is = in_thread(engine_img_per_s, short, ds)
+    freed = free_openmp_threads()
+    after = in_thread(engine_img_per_s, short, ds)
+    return {
+        "thread_img_per_s": round(as_is, 1),
+        "thread_freed_img_per_s": round(after, 1),
+        "thread_openmp_freed": freed,
+        "thread_speedup": round(after / as_is, 2),
+    }
+
+
+def lesson_and_sweep(base: TrainConfig, ds) -> dict:
+    """One default run of the profile, and a 4-run learning-rate sweep one run after the
+    other and side by side, each as a multiple of the one run."""
+    t0 = time.perf_counter()
+    records = list(train(base, dataset=ds))
+    lesson_s = time.perf_counter() - t0
+    evals = [r for r in records if r.kind == "eval"]
+    sweep = {f"lr x{m:g}": replace(base, lr=base.lr * m) for m in (0.5, 1, 2, 4)}
+    sweep_s = {}
+    for together in (False, True):
         t0 = time.perf_counter()
-        gen = train(config, dataset=ds)
-        next(r for r in gen if r.kind == "train")
-        times.append(time.perf_counter() - t0)
-        gen.close()
-    return statistics.median(times)
+        for _ in train_many(sweep, datasets=dict.fromkeys(sweep, ds), concurrent=together):
+            pass
+        sweep_s[together] = time.perf_counter() - t0
+    return {
+        "lesson_run_s": round(lesson_s, 2),
+        "lesson_epochs": base.epochs,
+        "lesson_val_acc": round(evals[-1].val_acc, 4) if evals else None,
+        "sweep_runs": len(sweep),
+        "sweep_sequential_s": round(sweep_s[False], 2),
+        "sweep_concurrent_s": round(sweep_s[True], 2),
+        "sweep_sequential_over_one_run": round(sweep_s[False] / lesson_s, 2),
+        "sweep_concurrent_over_one_run": round(sweep_s[True] / lesson_s, 2),
+    }
 
 
-def candidate_runs(base: TrainConfig, ds: data.Dataset, steps: int, baseline: float) -> list:
-    """Cheaper models and larger batches than ``base``: bare img/s, its ratio to
-    ``baseline``, and one default-length run (evaluation included) of each."""
-    rows = []
-    for stride in (1, 2):
-        for width in (base.width, max(1, base.width // 2)):
-            for k in (1, 2, 4):
-                hp = S.transfer(dict(lr=base.lr, momentum=base.momentum), 1, k, "sgd-linear")
-                c = replace(base, stem_stride=stride, width=width, batch=base.batch * k, **hp)
-                timed = replace(c, evaluate=False, max_steps=steps + 1, epochs=10_000)
-                bare = bare_img_per_s(timed, ds, max(5, steps // k))
-                t0 = time.perf_counter()
-                records = list(train(c, dataset=ds))
-                evals = [r for r in records if r.kind == "eval"]
-                rows.append(
-                    {
-                        "stem_stride": stride,
-                        "width": width,
-                        "batch": c.batch,
-                        "lr": round(c.lr, 4),
-                        "bare_img_per_s": round(bare, 1),
-                        "ceiling_speedup": round(bare / baseline, 2),
-                        "run_s": round(time.perf_counter() - t0, 2),
-                        "val_acc": round(evals[-1].val_acc, 4) if evals else None,
-                        "ended": records[-1].kind if records else None,  # done | diverged
-                    }
-                )
-    return rows
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
 
 
 def run_bench(
@@ -344,103 +229,27 @@ def run_bench(
     progress: bool = True,
     candidates: bool = False,
 ) -> dict:
+    """Every measurement of the module docstring, on the profile's data; one flat dict."""
     profile = get_profile(profile_name)
     device = pick_device()
-    notice = None
-    n_train, n_val, name = profile.n_train, profile.n_val, profile.dataset
-    try:
-        ds = data.load(
-            name,
-            profile.size,
-            device,
-            n_train=n_train,
-            n_val=n_val,
-            fallback=False,
-            progress=progress,
-        )
-    except data.DatasetUnavailable:
-        name = "shapes"
-        n_train, n_val = imagenette.IMAGENETTE_COUNTS["train"], imagenette.IMAGENETTE_COUNTS["val"]
-        notice = (
-            "Imagenette unavailable: measured on the generated data set at Imagenette's "
-            f"size ({n_train:,} train / {n_val:,} val images, 160 px archive)"
-        )
-        ds = data.load(name, profile.size, device, n_train=n_train, n_val=n_val, progress=progress)
+    ds, (name, n_train, n_val), notice = bench_data(profile, device, progress)
     base = TrainConfig.from_profile(profile.name, dataset=name, n_train=n_train, n_val=n_val)
     steps = steps or min(300, max(50, 3 * (ds.n_train // base.batch)))
-    warmup = 5
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
     # as many epochs as it takes: max_steps ends the timed run
     timed = replace(base, evaluate=False, max_steps=steps + 1, epochs=10_000)
+    short = replace(timed, max_steps=max(20, steps // 2) + 1)
 
-    engine_img_per_s(replace(timed, max_steps=4 * warmup), ds)  # warm up
+    engine_img_per_s(replace(timed, max_steps=4 * WARMUP), ds)  # warm up
     engine = statistics.median(engine_img_per_s(timed, ds) for _ in range(3))
     bare = statistics.median(bare_img_per_s(timed, ds, steps) for _ in range(3))
-    # float32 against the autocast this device computes faster: bf16 where it has bf16
-    # hardware, fp16 (loss-scaled) on a GPU with float16 tensor cores only
-    bf16_native = native_bf16(device)
-    fast = "bf16" if bf16_native else "fp16" if cuda_fp16_only(device) else None
-    by_precision = {}
-    for kind in ("fp32", fast) if fast else ():
-        one = replace(timed, bf16=kind == "bf16", fp16=kind == "fp16")
-        engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
-        by_precision[kind] = statistics.median(engine_img_per_s(one, ds) for _ in range(3))
+    by_precision = precision_rates(timed, ds)
     folder = data.ensure_extracted(Path(ds.extras["archive"]), ds.extras["root_name"])
-    baseline = baseline_img_per_s(base, folder, device, steps, warmup, workers)
-    # invariant Adam's micro-batches: a backward per micro-batch against one torch.func pass
-    micro = replace(
-        timed,
-        optimizer="invariant-adamw",
-        norm="layer",
-        lr=1e-3,
-        micro_batch=max(1, base.batch // 8),
-        max_steps=max(10, steps // 3) + 1,
-    )
-    micro_rates = {}
-    for vm in (False, True):
-        engine_img_per_s(replace(micro, micro_vmap=vm, max_steps=3), ds)  # warm up
-        micro_rates[vm] = engine_img_per_s(replace(micro, micro_vmap=vm), ds)
-    short = replace(timed, max_steps=max(20, steps // 2) + 1)
-    # lesson 3: LAMB with its trust ratios recorded, against AdamW on the same model
-    by_optimizer = {}
-    # and AdamW's fused step (use_fused, the default on CUDA and CPU) against torch's default
-    for opt_name, extra in (
-        ("adamw", {}),
-        ("lamb", dict(callbacks=(TrustRatios(),))),
-        ("adamw-unfused", dict(fused=False)),
-    ):
-        one = replace(short, optimizer=opt_name.removesuffix("-unfused"), lr=1e-3, **extra)
-        engine_img_per_s(replace(one, max_steps=warmup), ds)  # warm up
-        by_optimizer[opt_name] = engine_img_per_s(one, ds)
-    # the main thread has trained above, so it holds OpenMP worker threads of its own
-    thread_as_is = in_thread(engine_img_per_s, short, ds)
-    freed = free_openmp_threads()
-    thread_freed = in_thread(engine_img_per_s, short, ds)
-    malloc = (
-        malloc_effect(short, name, profile.size, n_train, n_val)
-        if device.type == "cpu"
-        else dict.fromkeys(MALLOC_FIELDS)
-    )
-    first = first_point_s(base, ds)
-    cold = cold_first_points(profile.name, name, n_train, n_val)
-    t0 = time.perf_counter()
-    records = list(train(base, dataset=ds))
-    lesson_s = time.perf_counter() - t0
-    sweep = {f"lr x{m:g}": replace(base, lr=base.lr * m) for m in (0.5, 1, 2, 4)}
-    sweep_s = {}
-    for together in (False, True):
-        t0 = time.perf_counter()
-        for _ in train_many(sweep, datasets=dict.fromkeys(sweep, ds), concurrent=together):
-            pass
-        sweep_s[together] = time.perf_counter() - t0
-    evals = [r for r in records if r.kind == "eval"]
-    extra = {"candidates": candidate_runs(base, ds, steps, baseline)} if candidates else {}
-    return {
+    baseline = baseline_img_per_s(base, folder, device, steps, WARMUP, workers)
+    result = {
         "profile": profile.name,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": _device_name(device),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "dataset": ds.name,
@@ -457,45 +266,22 @@ def run_bench(
         "bare_img_per_s": round(bare, 1),
         "engine_over_bare": round(engine / bare, 3),
         "ceiling_speedup": round(bare / baseline, 2),
-        "native_bf16": bf16_native,
-        **{
-            f"engine_{kind}_img_per_s": round(by_precision[kind], 1)
-            if kind in by_precision
-            else None
-            for kind in ("fp32", "bf16", "fp16")
-        },
-        **{
-            f"{kind}_speedup": round(by_precision[kind] / by_precision["fp32"], 2)
-            if kind in by_precision
-            else None
-            for kind in ("bf16", "fp16")
-        },
-        "micro_loop_img_per_s": round(micro_rates[False], 1),
-        "micro_vmap_img_per_s": round(micro_rates[True], 1),
-        "micro_vmap_speedup": round(micro_rates[True] / micro_rates[False], 2),
-        "adamw_img_per_s": round(by_optimizer["adamw"], 1),
-        "lamb_img_per_s": round(by_optimizer["lamb"], 1),
-        "lamb_over_adamw": round(by_optimizer["lamb"] / by_optimizer["adamw"], 2),
-        "adamw_fused": use_fused(short, torch.optim.AdamW, device),
-        "adamw_unfused_img_per_s": round(by_optimizer["adamw-unfused"], 1),
-        "fused_adamw_speedup": round(by_optimizer["adamw"] / by_optimizer["adamw-unfused"], 2),
-        "thread_img_per_s": round(thread_as_is, 1),
-        "thread_freed_img_per_s": round(thread_freed, 1),
-        "thread_openmp_freed": freed,
-        "thread_speedup": round(thread_freed / thread_as_is, 2),
-        **malloc,
-        "first_point_s": round(first, 4),
-        **cold,
-        "lesson_run_s": round(lesson_s, 2),
-        "lesson_epochs": base.epochs,
-        "lesson_val_acc": round(evals[-1].val_acc, 4) if evals else None,
-        "sweep_runs": len(sweep),
-        "sweep_sequential_s": round(sweep_s[False], 2),
-        "sweep_concurrent_s": round(sweep_s[True], 2),
-        "sweep_sequential_over_one_run": round(sweep_s[False] / lesson_s, 2),
-        "sweep_concurrent_over_one_run": round(sweep_s[True] / lesson_s, 2),
-        **extra,
+        **by_precision,
+        **micro_batch_rates(timed, ds, steps),
+        **optimizer_rates(short, ds),
+        # the main thread has trained above, so it holds OpenMP worker threads of its own
+        **thread_rates(short, ds),
     }
+    if device.type == "cpu":
+        result.update(malloc_effect(short, name, profile.size, n_train, n_val))
+    else:
+        result.update(dict.fromkeys(MALLOC_FIELDS))
+    result["first_point_s"] = round(first_point_s(base, ds), 4)
+    result.update(cold_first_points(profile.name, name, n_train, n_val))
+    result.update(lesson_and_sweep(base, ds))
+    if candidates:
+        result["candidates"] = candidate_runs(base, ds, steps, baseline)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,8 +87,8 @@ def test_bench_prints_one_json_object_with_ratios():
 def test_candidates_time_cheaper_models_and_larger_batches_with_the_lr_scaled(shapes_ci):
     from dataclasses import replace
 
-    from lessons.bench import candidate_runs
     from lessons.config import TrainConfig
+    from lessons.throughput import candidate_runs
 
     base = replace(TrainConfig.from_profile("ci"), epochs=1, n_train=shapes_ci.n_train)
     rows = candidate_runs(base, shapes_ci, steps=4, baseline=1000.0)

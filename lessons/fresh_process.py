@@ -1,0 +1,116 @@
+"""Bench measurements that need a fresh Python process: malloc's settings cannot be undone in
+this one, and a first run's lazy imports happen once per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import replace
+
+import torch
+
+from lessons import data
+from lessons.config import TrainConfig
+from lessons.profiles import pick_device
+from lessons.throughput import engine_img_per_s, first_point_s, in_thread
+from lessons.tuning import MALLOC_TUNABLES, free_openmp_threads
+from lessons.warmup import warm_up
+
+
+def _engine_child(config_json: str, name: str, size: int, n_train: int, n_val: int) -> None:
+    """In a fresh process (see malloc_effect): load the data, train as a widget does (in a
+    worker thread, after torch work on the main thread), print one JSON line."""
+    ds = data.load(name, size, torch.device("cpu"), n_train=n_train, n_val=n_val, progress=False)
+    fields = json.loads(config_json)  # JSON gives lists back where the config had tuples
+    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    engine_img_per_s(replace(config, max_steps=10), ds)  # warm up, on the main thread
+    free_openmp_threads()
+
+    def measure() -> tuple[float, float]:
+        engine_img_per_s(replace(config, max_steps=10), ds)  # this thread's malloc arena grows
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        rate = engine_img_per_s(config, ds)
+        return rate, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / config.max_steps
+
+    rate, faults = in_thread(measure)
+    print(json.dumps({"img_per_s": rate, "faults_per_step": faults}))
+
+
+def _child_json(code: str, what: str, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh Python process and return the JSON object its last line holds;
+    a failed child raises RuntimeError with its stderr."""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the {what}'s child process failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+MALLOC_SETTINGS = {  # name: (LESSONS_KEEP_MEMORY, whether GLIBC_TUNABLES has MALLOC_TUNABLES)
+    "default": ("0", False),  # glibc's own, self-adjusting thresholds
+    "kept": ("1", False),  # keep_freed_memory(), as train() sets on a CPU
+    "one_arena": ("1", True),  # and one malloc arena for all threads, as make lab/test/bench run
+}
+
+MALLOC_FIELDS = tuple(
+    f"malloc_{name}_{what}"
+    for name in MALLOC_SETTINGS
+    for what in ("img_per_s", "faults_per_step", "speedup")
+    if not (name == "default" and what == "speedup")
+)
+
+
+def malloc_effect(config: TrainConfig, name: str, size: int, n_train: int, n_val: int) -> dict:
+    """The engine under each of MALLOC_SETTINGS, each in a fresh process (malloc's settings
+    cannot be undone in this one), on the same data (data.load's arguments) and config."""
+    fields = {k: v for k, v in config.__dict__.items() if not callable(v) and k != "callbacks"}
+    args = [json.dumps(fields), name, size, n_train, n_val]
+    code = f"from lessons.fresh_process import _engine_child as f; f(*{args!r})"
+    theirs = [
+        t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t and t != MALLOC_TUNABLES
+    ]
+    out = {}
+    for setting, (keep, one_arena) in MALLOC_SETTINGS.items():
+        tunables = ":".join(theirs + [MALLOC_TUNABLES] * one_arena)
+        env = {**os.environ, "LESSONS_KEEP_MEMORY": keep, "LESSONS_DEVICE": "cpu"}
+        env.pop("GLIBC_TUNABLES", None)
+        if tunables:
+            env["GLIBC_TUNABLES"] = tunables
+        out[setting] = _child_json(code, "malloc measurement", env)
+    result = {}
+    for setting, r in out.items():
+        result[f"malloc_{setting}_img_per_s"] = round(r["img_per_s"], 1)
+        result[f"malloc_{setting}_faults_per_step"] = round(r["faults_per_step"])
+        if setting != "default":
+            speedup = r["img_per_s"] / out["default"]["img_per_s"]
+            result[f"malloc_{setting}_speedup"] = round(speedup, 2)
+    return result
+
+
+def _first_point_child(profile_name: str, name: str, n_train: int, n_val: int, warm: bool):
+    """In a fresh process (see cold_first_points): load the data on the device, warm_up()
+    where ``warm``, then time one run's first point; print one JSON line."""
+    c = TrainConfig.from_profile(profile_name, dataset=name, n_train=n_train, n_val=n_val)
+    device = pick_device()
+    ds = data.load(name, c.size, device, n_train=n_train, n_val=n_val, progress=False)
+    if warm:
+        warm_up()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(json.dumps({"first_point_s": first_point_s(c, ds, repeats=1)}))
+
+
+def cold_first_points(profile_name: str, name: str, n_train: int, n_val: int) -> dict:
+    """The first run's first point in a fresh process, without and after warm_up()."""
+    out = {}
+    for warm, key in ((False, "cold_first_point_s"), (True, "warmed_first_point_s")):
+        args = [profile_name, name, n_train, n_val, warm]
+        code = (
+            f"from lessons.fresh_process import _first_point_child; _first_point_child(*{args!r})"
+        )
+        out[key] = round(_child_json(code, "first-point measurement")["first_point_s"], 4)
+    return out
