@@ -9,19 +9,18 @@ TEST_STAMP := $(VENV)/.installed-test
 PROFILE ?=
 # make test runs the tests in TEST_WORKERS processes (pytest-xdist; --dist loadscope keeps each
 # notebook's cells, and each test file's tests, in one process, in order) and shares the cores'
-# OpenMP threads out between them. The ci model's step is only 1.3x faster on two threads than
-# on one, while much of the suite (imports, kernels, JupyterLab, the browser) is single-threaded:
-# on 2 cores the suite took 9m23s this way against 12-13 minutes in one process. TEST_WORKERS=0
-# runs it in one process; a user's own OMP_NUM_THREADS is kept.
+# OpenMP threads out between them: much of the suite (imports, kernels, JupyterLab, the browser)
+# is single-threaded, so processes use the cores better than threads do (BENCHMARKS.md).
+# TEST_WORKERS=0 runs it in one process; a user's own OMP_NUM_THREADS is kept.
 TEST_WORKERS ?= 2
 TEST_THREADS = $(shell $(PYTHON) -c 'import os; print(max(1, (os.cpu_count() or 1) // max(1, $(TEST_WORKERS))))')
 
 .PHONY: lab test bench lint clean
 
 # glibc's malloc with one arena for all threads: a widget trains in a worker thread, and a
-# thread's own arena hands blocks over 64 MB, and heaps it has emptied, back to the system
-# every step (lessons.train.keep_freed_memory; BENCHMARKS.md, fifth session). A user's own
-# GLIBC_TUNABLES are kept; other C libraries ignore the variable.
+# thread's own arena would hand large blocks, and heaps it has emptied, back to the system every
+# step (lessons.train.keep_freed_memory). A user's own GLIBC_TUNABLES are kept; other C
+# libraries ignore the variable.
 MALLOC_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.arena_max=1
 
 # the course itself; the test tools (pytest, nbval, ruff, playwright) only for make test
