@@ -1,11 +1,15 @@
 # make lab   - set up .venv and open the course in JupyterLab
-# make test  - set up .venv and run every test (lint, unit, widgets, notebooks under nbval)
+# make test  - set up .venv and run every test (lint, unit, widgets, notebooks under nbval),
+#              then make test-colab
+# make test-colab - set up .venv-colab with Colab's versions and run the notebooks there
 # make bench - set up .venv and measure the engine against the per-item DataLoader baseline
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+COLAB_VENV := .venv-colab
+COLAB_STAMP := $(COLAB_VENV)/.installed
 PROFILE ?=
 # make test runs the tests in TEST_WORKERS processes (pytest-xdist; --dist loadscope keeps each
 # notebook's cells, and each test file's tests, in one process, in order) and shares the cores'
@@ -15,7 +19,7 @@ PROFILE ?=
 TEST_WORKERS ?= 2
 TEST_THREADS = $(shell $(PYTHON) -c 'import os; print(max(1, (os.cpu_count() or 1) // max(1, $(TEST_WORKERS))))')
 
-.PHONY: lab test bench lint clean
+.PHONY: lab test test-colab bench lint clean
 
 # glibc's malloc with one arena for all threads: a widget trains in a worker thread, and a
 # thread's own arena would hand large blocks, and heaps it has emptied, back to the system every
@@ -33,6 +37,15 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(TEST_STAMP)
 
+# Colab's own ipywidgets 7, plotly, matplotlib and kernel (tests/colab-requirements.txt), then
+# the course over them without its pins, as the notebooks' setup cell installs it on Colab
+# (--no-warn-conflicts: on a reinstall the course already there asks for its own pins)
+$(COLAB_STAMP): tests/colab-requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(COLAB_VENV)
+	$(COLAB_VENV)/bin/python -m pip install --quiet --no-warn-conflicts -r tests/colab-requirements.txt
+	$(COLAB_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(COLAB_STAMP)
+
 # Jupyter refuses to run as root (containers, Colab-like machines) without --allow-root
 lab: $(STAMP)
 	$(BIN)/python -m lessons.data --prepare
@@ -48,10 +61,22 @@ test: lint
 		LESSONS_PROFILE=ci LESSONS_DATA=$(CURDIR)/.cache/test-data \
 		$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --dist loadscope \
 		--nbval-lax notebooks --nbval-cell-timeout=600 -p no:cacheprovider
+	$(MAKE) --no-print-directory test-colab
+
+# every notebook as Colab runs it: ipywidgets 7, and the matplotlib renderer the widgets pick
+# there; the kernel is this environment's own Python (--nbval-current-env). Its run log is kept
+# apart from the main run's, so that neither run overlays the other's curves.
+test-colab: $(COLAB_STAMP)
+	$(MALLOC_ENV) OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(TEST_THREADS)} \
+		LESSONS_PROFILE=ci LESSONS_DATA=$(CURDIR)/.cache/test-data \
+		LESSONS_RUNS=$(CURDIR)/.cache/test-colab-runs LESSONS_PLOT=matplotlib \
+		$(COLAB_VENV)/bin/python -m pytest tests/check_colab_env.py -n $(TEST_WORKERS) \
+		--dist loadscope --nbval-lax --nbval-current-env notebooks --nbval-cell-timeout=600 \
+		-p no:cacheprovider
 
 bench: $(STAMP)
 	$(MALLOC_ENV) $(BIN)/python -m lessons.bench $(if $(PROFILE),--profile $(PROFILE),)
 	$(MALLOC_ENV) $(BIN)/python -m widgets.bench $(if $(PROFILE),--profile $(PROFILE),)
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) $(COLAB_VENV) .cache
