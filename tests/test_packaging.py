@@ -136,6 +136,36 @@ def test_make_test_runs_in_worker_processes_that_share_out_the_cores(workers):
         assert f"OMP_NUM_THREADS={expect}" in environment_of(line, OMP_NUM_THREADS=theirs)
 
 
+def test_the_colab_environment_is_pinned_to_ipywidgets_7_and_the_courses_torch():
+    lines = (ROOT / "tests" / "colab-requirements.txt").read_text().splitlines()
+    reqs = [line for line in lines if line.strip() and not line.startswith("#")]
+    pins = dict(r.split("==") for r in reqs)
+    assert len(pins) == len(reqs) and all(re.fullmatch(r"\d+(\.\d+)*", v) for v in pins.values())
+    assert pins["ipywidgets"].startswith("7.") and pins["plotly"].startswith("5.")
+    # the CPU build pip finds locally; any other torch would pull a CUDA build of several GB
+    assert pins["torch"] == pins_from_pyproject()["torch"]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_test_then_runs_the_notebooks_in_the_colab_environment():
+    commands = make_dry_run("test")
+
+    def first(pattern: str) -> int:
+        return next(i for i, c in enumerate(commands) if re.search(pattern, c))
+
+    main, colab = (
+        first(r"\s\.venv/bin/python -m pytest tests "),
+        first(r"\s\.venv-colab/bin/python -m pytest "),
+    )
+    assert main < colab
+    line = commands[colab]
+    assert "LESSONS_PLOT=matplotlib" in line and "LESSONS_PROFILE=ci" in line
+    assert " tests/check_colab_env.py " in line
+    assert re.search(r" --nbval-lax --nbval-current-env notebooks ", line), line
+    install = [c for c in commands if ".venv-colab/bin/python -m pip install" in c]
+    assert "-r tests/colab-requirements.txt" in install[0] and "--no-deps -e ." in install[-1]
+
+
 def test_readme_has_a_colab_badge_per_notebook_for_the_setup_cells_repository():
     readme = (ROOT / "README.md").read_text()
     setup = "".join(json.loads(NOTEBOOKS[0].read_text())["cells"][0]["source"])
