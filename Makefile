@@ -23,7 +23,7 @@ TEST_THREADS = $(shell $(PYTHON) -c 'import os; print(max(1, (os.cpu_count() or 
 
 # glibc's malloc with one arena for all threads: a widget trains in a worker thread, and a
 # thread's own arena would hand large blocks, and heaps it has emptied, back to the system every
-# step (lessons.train.keep_freed_memory). A user's own GLIBC_TUNABLES are kept; other C
+# step (lessons.tuning.keep_freed_memory). A user's own GLIBC_TUNABLES are kept; other C
 # libraries ignore the variable.
 MALLOC_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES:+$$GLIBC_TUNABLES:}glibc.malloc.arena_max=1
 

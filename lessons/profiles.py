@@ -69,8 +69,8 @@ PROFILES = {
         depth=0,
         n_train=2000,
         n_val=500,
-        # the two layers at 32 x 32 took 60% of this net's step on 2 cores; a strided stem
-        # halves the step (9.1 -> 4.2 ms at batch 64), for tests and the bench's data-path ratio
+        # a strided stem: the full-resolution layers were most of this net's step, and the
+        # tests and the bench's data-path ratio want a cheap model (figures in BENCHMARKS.md)
         stem_stride=2,
         description="generated shapes 32 px, 2,000 images, strided stem (tests, seconds, 2 cores)",
     ),
