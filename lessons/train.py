@@ -55,7 +55,7 @@ class Run:
     param_names: list[str]  # in the order of the optimizer's parameters
     scaler: torch.amp.GradScaler | None = None
     micro_grads: Callable | None = None  # every micro-batch's gradient in one torch.func pass
-    info: dict = field(default_factory=dict)  # carried by the run's closing records
+    info: dict = field(default_factory=dict)  # carried by the first and the closing records
 
 
 def load_data(c: TrainConfig, device: torch.device, progress: bool = False) -> data_mod.Dataset:
@@ -322,8 +322,8 @@ def _batch(run: Run, idx: torch.Tensor, gen: torch.Generator):
 
 def _step_extras(run: Run, step: int, lr: float, batch: int) -> dict:
     extras = {}
-    if step == 1:
-        extras.update(total_steps=run.plan.total, batch_notice=run.info.get("batch_notice"))
+    if step == 1:  # what the run resolved, for whoever shows it (a widget's status line)
+        extras.update(run.info, batch_notice=run.info.get("batch_notice"))
         for cb in run.config.callbacks:
             extras.update(cb.start(run))
     for cb in run.config.callbacks:
