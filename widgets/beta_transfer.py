@@ -11,8 +11,10 @@ from lessons import scaling as S
 from lessons.ema import half_life
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig
+from widgets.controls import STYLE, log_slider
 from widgets.discounting import beta_slider
-from widgets.live import STYLE, LiveRun, Mark, Trace, log_slider, make_figure
+from widgets.figure import Mark, Trace, make_figure
+from widgets.live import LiveRun
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 

@@ -13,7 +13,9 @@ from lessons.models import make_model
 from lessons.optim import LAMB_VARIANTS, Lamb
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig, _param_groups
-from widgets.live import COLORS, STYLE, LiveRun, Trace, log_slider
+from widgets.controls import STYLE, log_slider
+from widgets.figure import COLORS, Trace
+from widgets.live import LiveRun
 
 # "off" is a string, not None: ipywidgets reads a selection's value None as "nothing
 # selected", so choosing an option whose value is None blanked the dropdown (index None)

@@ -10,7 +10,10 @@ import ipywidgets as W
 from lessons import scaling as S
 from lessons.profiles import get_profile
 from lessons.train import TrainConfig, epoch_train_loss
-from widgets.live import STYLE, LiveRun, Series, Trace, log_slider
+from widgets.controls import STYLE, log_slider
+from widgets.figure import Trace
+from widgets.live import LiveRun
+from widgets.scene import Series
 
 SIZES = (16, 32, 64, 128, 256, 512)
 ADAM, INVARIANT = "Adam, sqrt rule", "invariant Adam, linear rule"
