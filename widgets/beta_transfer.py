@@ -106,6 +106,16 @@ def gap_summary(live: LiveRun) -> str:
     )
 
 
+def run_label(name: str, c: TrainConfig, values: dict) -> str:
+    """A run's legend label: its name (which batch, which rule) and the hyperparameters it
+    trained with; the baseline and the naive run used no rule, and their labels say none."""
+    if c.optimizer == "sgd":
+        moments = f"momentum={c.momentum:.3g}"
+    else:
+        moments = f"betas=({c.betas[0]:.3g}, {c.betas[1]:.3g})"
+    return f"{name}: {c.optimizer}, lr={c.lr:.3g}, {moments}"
+
+
 def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
     """Baseline (batch B) against naive and transferred runs at batch b."""
     p = get_profile(profile)
@@ -150,8 +160,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         }
 
     def label(v: dict) -> str:
-        # one label for the request's three runs, whose names say which batch each used (the
-        # default label said "batch=32" beside the baseline that trained at B)
+        # the request, for the status line; each run's legend label is run_label's
         return (
             f"{v['optimizer']}, B={v['base_batch']} -> b={v['batch']}, "
             f"lr={v['lr']:.3g} at B, rule={v['rule']}"
@@ -162,6 +171,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         make_config,
         name="02_beta_transfer",
         label=label,
+        run_label=run_label,
         summary=gap_summary,
         x_toggle=True,
         title=f"Carrying hyperparameters from batch B to b ({p.name} profile)",
