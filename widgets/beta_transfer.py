@@ -116,13 +116,9 @@ def run_label(name: str, c: TrainConfig, values: dict) -> str:
     return f"{name}: {c.optimizer}, lr={c.lr:.3g}, {moments}"
 
 
-def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
-    """Baseline (batch B) against naive and transferred runs at batch b."""
-    p = get_profile(profile)
-    n_train = p.n_train  # Imagenette's count, or the generated set's
-    batches = [b for b in BATCHES[3:] if b <= n_train // 4]
-    epochs = max(p.epochs, 6)
-    controls = {
+def _transfer_controls(batches: list[int]) -> dict[str, W.ValueWidget]:
+    """The optimizer, the batches B and b, the lr at B and the rule that carries it."""
+    return {
         "optimizer": W.Dropdown(
             options=[("LAMB", "lamb"), ("AdamW", "adamw"), ("SGD + momentum", "sgd")],
             value="lamb",
@@ -145,6 +141,15 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         "lr": log_slider(0.02, "lr at B", -4, 0),
         "rule": W.Dropdown(options=RULES, value="lamb", description="rule"),
     }
+
+
+def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
+    """Baseline (batch B) against naive and transferred runs at batch b."""
+    p = get_profile(profile)
+    n_train = p.n_train  # Imagenette's count, or the generated set's
+    batches = [b for b in BATCHES[3:] if b <= n_train // 4]
+    epochs = max(p.epochs, 6)
+    controls = _transfer_controls(batches)
 
     def make_config(v: dict) -> dict[str, TrainConfig]:
         opt, B, b = v["optimizer"], int(v["base_batch"]), int(v["batch"])

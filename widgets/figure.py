@@ -84,6 +84,8 @@ class Figure(Protocol):
 
     def set_xlabel(self, text: str) -> None: ...
 
+    def xlabel(self) -> str: ...
+
     def set_scale(self, scale: float) -> None:
         """Presenter mode: fonts ``scale`` times larger (line widths come with the traces)."""
 

@@ -20,7 +20,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import ipywidgets as W
-from tqdm.auto import tqdm
 
 from lessons import data as data_mod
 from lessons.train import TrainConfig, free_openmp_threads, warm_up
@@ -113,7 +112,6 @@ class LiveRun:
         self._shown = False  # displayed in a notebook (_ipython_display_)
         self._suppress = False  # run_blocking sets controls without starting runs
         self._draw_lock = threading.Lock()
-        self._status_text = status.READY
         self.worker = Worker(self._execute, f"LiveRun-{name}", self._failed)
         self._build_widgets(auto_run)
         self._set_presenter(draw=False)
@@ -254,11 +252,6 @@ class LiveRun:
     def threads_started(self) -> int:
         return self.worker.threads_started
 
-    @property
-    def superseded(self) -> bool:
-        """A newer request waits for the one in flight to stop."""
-        return self.worker.superseded
-
     def traces(self) -> list[dict]:
         return self.figure.traces()
 
@@ -273,16 +266,9 @@ class LiveRun:
             runs = list(self.runs)
             panel = self._panel_scene() if self.panel else None
         xlabel = self.xlabels[self.view().get("x", "samples")]
-        return export_files(
-            folder,
-            stem,
-            scene,
-            runs,
-            dict(xlabel=xlabel, **self._axes),
-            self.figure.scale,
-            panel,
-            self.panel_axes,
-        )
+        axes = dict(xlabel=xlabel, **self._axes)
+        scale = self.figure.scale
+        return export_files(folder, stem, scene, runs, axes, scale, panel, self.panel_axes)
 
     def scene(self) -> tuple[list[Trace], str, list[Mark]]:
         """What the figure shows: a trace per run and series, the title and the marks."""
@@ -296,7 +282,6 @@ class LiveRun:
     # ---- what a Request calls (widgets.request)
     def say(self, text: str, level: str = "info") -> None:
         """Show ``text`` in the status line, in the colour of ``level``."""
-        self._status_text = text
         self.status.value = status.status_html(text, level)
 
     def label_run(self, name: str, config: TrainConfig, values: dict) -> str:
@@ -309,13 +294,7 @@ class LiveRun:
     def show_progress(self, step: int, total: int, elapsed: float) -> None:
         self.progress.max = max(1, total)
         self.progress.value = min(step, total)
-        self.progress_text.value = tqdm.format_meter(
-            step,
-            total,
-            elapsed,
-            unit="step",
-            bar_format="{n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}]",
-        )
+        self.progress_text.value = status.progress(step, total, elapsed)
 
     def redraw_interval(self, now: float) -> float:
         """Seconds a streaming run waits between redraws: the figure's min_interval at first,

@@ -168,7 +168,7 @@ class Request:
         if stopped:  # a newer request waits: it will say what it does
             total = self.totals[stopped[0].name]
             what = self.live.label(self.values)
-            return None if self.live.superseded else status.stopped(stopped, what, total)
+            return None if self.live.worker.superseded else status.stopped(stopped, what, total)
         parts = [f"{r.name}: {r.result()}" if r.name else r.result() for r in runs]
         what = runs[0].label if len(runs) == 1 else self.live.label(self.values)
         secs = time.perf_counter() - self.t0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import html
 
+from tqdm.auto import tqdm
+
 from lessons import data as data_mod
 from widgets.runs import RunRecord
 
@@ -74,6 +76,17 @@ def running(
     detail = f": {detail}" if detail else ""
     text = f"Running {what} on {ds.device}, {precision} ({ds.name}){detail}.{notice}"
     return text, "warn" if notice else "info"
+
+
+def progress(step: int, total: int, elapsed: float) -> str:
+    """ "12/62 steps [00:01<00:04, 11.2step/s]"."""
+    return tqdm.format_meter(
+        step,
+        total,
+        elapsed,
+        unit="step",
+        bar_format="{n_fmt}/{total_fmt} steps [{elapsed}<{remaining}, {rate_fmt}]",
+    )
 
 
 def done(what: str, secs: float, result: str, notice: str | None, cores: str) -> tuple[str, str]:
