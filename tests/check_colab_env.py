@@ -41,7 +41,7 @@ def test_the_course_is_installed_from_this_checkout():
 
 
 def test_the_live_runs_draw_with_matplotlib():
-    from widgets.live import choose_renderer, make_figure
+    from widgets.figure import choose_renderer, make_figure
 
     assert choose_renderer() == "matplotlib"
     assert type(make_figure(xlabel="step", ylabel="loss")).__name__ == "MatplotlibFigure"

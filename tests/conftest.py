@@ -51,11 +51,8 @@ def shapes_ci():
 
 @pytest.fixture
 def private_run_log(tmp_path, monkeypatch):
-    """Widgets write their run log into this test's own folder (imported here, lazily, so
-    the lessons-only tests run where no UI library is installed)."""
-    from widgets import live
-
-    monkeypatch.setattr(live, "run_log_path", lambda name: tmp_path / f"{name}.jsonl")
+    """Widgets write their run log into this test's own folder."""
+    monkeypatch.setenv("LESSONS_RUNS", str(tmp_path))
 
 
 def top_level_ops(fn) -> int:

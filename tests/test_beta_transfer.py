@@ -1,5 +1,8 @@
 """Lesson 2's widgets driven headless."""
 
+import csv
+from dataclasses import replace
+
 import pytest
 
 from lessons import scaling as S
@@ -23,7 +26,7 @@ def test_three_curves_gaps_and_the_x_toggle():
     assert list(runs) == ["baseline (B=256)", "naive (b=32)", "lamb (b=32)"]
     base, naive, moved = runs.values()
     # the legend says which batch each run used, and the baseline's does not read "batch=32"
-    assert base.label == "baseline (B=256): lamb, B=256 -> b=32, lr=0.02 at B, rule=lamb"
+    assert base.label == "baseline (B=256): lamb, lr=0.02, betas=(0.9, 0.99)"
     shown = {t["uid"]: t["name"] for t in live.traces()}
     assert shown[f"{base.id}:loss"] == base.label and "batch=32" not in base.label
     cfg = live.make_config(live.values())
@@ -44,6 +47,25 @@ def test_three_curves_gaps_and_the_x_toggle():
     assert xs[f"{naive.id}:loss"][-1] > 7 * xs[f"{base.id}:loss"][-1]  # ~8x the updates
     assert live.figure.fig.layout.xaxis.title.text == "parameter updates"
     assert live.threads_started == started and not live.busy
+
+
+def test_each_run_is_labelled_with_what_it_trained_with(tmp_path):
+    """The baseline and the naive run train without the rule: neither their legend labels
+    nor their CSV rows may name it, and the transferred run's label gives what it used."""
+    live = BT.beta_transfer(renderer="matplotlib")
+    make = live.make_config
+    live.make_config = lambda v: {k: replace(c, max_steps=3) for k, c in make(v).items()}
+    runs = live.run_blocking(rule="sgd-linear", timeout=300)
+    base, naive, moved = runs.values()
+    for run in (base, naive):
+        assert "rule" not in run.label and "sgd-linear" not in run.label, run.label
+    assert naive.label == "naive (b=32): lamb, lr=0.02, betas=(0.9, 0.99)"
+    assert moved.label == f"sgd-linear (b=32): lamb, lr={0.02 / 8:.3g}, betas=(0.9, 0.99)"
+    names = {t["name"] for t in live.traces()}
+    assert {base.label, naive.label, moved.label} <= names
+    rows = list(csv.DictReader(live.export(tmp_path, stem="runs")["csv"].open()))
+    labels = {r["run"]: r["label"] for r in rows}
+    assert labels[str(base.id)] == base.label and labels[str(naive.id)] == naive.label
 
 
 def test_an_impossible_rule_is_a_message():

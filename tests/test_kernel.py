@@ -10,11 +10,11 @@ import pytest
 jupyter_client = pytest.importorskip("jupyter_client")
 
 SETUP = """
-import pathlib, tempfile, threading, time
+import os, tempfile, threading, time
 import ipywidgets as W
 import widgets.live as L
 from lessons.config import TrainConfig
-L.run_log_path = lambda name: pathlib.Path(tempfile.mkdtemp()) / "runs.jsonl"
+os.environ["LESSONS_RUNS"] = tempfile.mkdtemp()
 
 def make():
     return L.LiveRun(

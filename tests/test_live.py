@@ -13,8 +13,16 @@ import pytest
 
 from lessons.config import TrainConfig
 from lessons.train import run as train_run
+from widgets import figure as figure_mod
 from widgets import live as live_mod
+from widgets import request as request_mod
+from widgets import status as status_mod
+from widgets.cores import CoreShare
+from widgets.figure import Mark, Trace, legend_rows
 from widgets.live import LiveRun
+from widgets.mpl_figure import MatplotlibFigure
+from widgets.plotly_figure import PlotlyFigure
+from widgets.runs import settings_label
 from widgets.start import start_here
 
 pytestmark = pytest.mark.usefixtures("private_run_log")
@@ -156,7 +164,7 @@ def test_errors_inside_a_run_are_shown(monkeypatch):
         raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
         yield
 
-    monkeypatch.setattr(live_mod, "train", boom)
+    monkeypatch.setattr(request_mod, "train_many", boom)
     live.run_blocking(timeout=60)
     assert "out of memory" in live.status.value and "lower the batch size" in live.status.value
     monkeypatch.undo()
@@ -169,7 +177,7 @@ def test_missing_dataset_is_a_message(monkeypatch):
     def unavailable(*a, **k):
         raise data.DataError("archive corrupt: run again to download it afresh")
 
-    monkeypatch.setattr(live_mod, "load_data", unavailable)
+    monkeypatch.setattr(request_mod, "load_data", unavailable)
     live = make_live()
     assert live.run_blocking(timeout=60) is None
     assert "not available" in live.status.value and "afresh" in live.status.value
@@ -179,7 +187,7 @@ def test_fallback_data_is_announced_in_status_and_title(monkeypatch, shapes_ci):
     from dataclasses import replace
 
     noticed = replace(shapes_ci, notice="Imagenette is not available (offline)")
-    monkeypatch.setattr(live_mod, "load_data", lambda c, d: noticed)
+    monkeypatch.setattr(request_mod, "load_data", lambda c, d: noticed)
     live = make_live(renderer="plotly")
     live.run_blocking(timeout=60)
     assert "NOTICE" in live.status.value and "offline" in live.status.value
@@ -277,14 +285,14 @@ def test_renderer_choice(monkeypatch):
     import types
 
     monkeypatch.setenv("LESSONS_PLOT", "matplotlib")
-    assert live_mod.choose_renderer() == "matplotlib"
+    assert figure_mod.choose_renderer() == "matplotlib"
     monkeypatch.setenv("LESSONS_PLOT", "bokeh")
     with pytest.raises(ValueError, match="LESSONS_PLOT"):
-        live_mod.choose_renderer()
+        figure_mod.choose_renderer()
     monkeypatch.delenv("LESSONS_PLOT")
-    assert live_mod.choose_renderer() == "plotly"
+    assert figure_mod.choose_renderer() == "plotly"
     monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    assert live_mod.choose_renderer() == "matplotlib"
+    assert figure_mod.choose_renderer() == "matplotlib"
 
 
 def test_a_rerun_replaces_the_older_curve_of_the_same_settings():
@@ -364,7 +372,7 @@ def test_cuda_out_of_memory_empties_the_allocator_and_the_next_run_is_fine(monke
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         yield
 
-    monkeypatch.setattr(live_mod, "train", oom)
+    monkeypatch.setattr(request_mod, "train_many", oom)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(1))
@@ -503,7 +511,7 @@ def move_in_browser(slider, value):
 
 @pytest.mark.parametrize("views", [0, 1])
 def test_a_missing_plotly_front_end_falls_back_to_matplotlib(monkeypatch, views):
-    monkeypatch.setattr(live_mod, "_in_kernel", lambda: True)
+    monkeypatch.setattr(live_mod, "in_kernel", lambda: True)
     live = make_live("plotly")
     assert live.figure.widget._view_count == 0  # tracked from the start
     plotly_widget = live.figure.widget
@@ -572,19 +580,19 @@ def test_live_run_frees_openmp_threads_before_its_worker_trains(monkeypatch):
 
 
 def test_core_share_note_says_when_other_programs_took_the_threads_cores():
-    note = live_mod.core_share_note(1.0, cores=2, threads=2)
+    note = status_mod.core_share_note(1.0, cores=2, threads=2)
     assert "1.0 of the 2 CPU cores" in note and "OMP_NUM_THREADS=1 make lab" in note
-    assert "OMP_NUM_THREADS=6" in live_mod.core_share_note(2.0, cores=8, threads=8)
-    assert live_mod.core_share_note(1.0, cores=8, threads=8) != ""  # 9 > 8.25
+    assert "OMP_NUM_THREADS=6" in status_mod.core_share_note(2.0, cores=8, threads=8)
+    assert status_mod.core_share_note(1.0, cores=8, threads=8) != ""  # 9 > 8.25
     # one thread has no team to wait for; some load (the browser's redraws), or enough free
     # cores, is fine
     cases = [(1.0, 2, 1), (0.3, 2, 2), (0.6, 2, 2), (1.0, 8, 4), (None, 2, 2)]
     for others, cores, threads in cases:
-        assert live_mod.core_share_note(others, cores, threads) == ""
+        assert status_mod.core_share_note(others, cores, threads) == ""
 
 
 def test_core_share_counts_other_programs_and_not_this_one():
-    share = live_mod.CoreShare()
+    share = CoreShare()
     assert share.cores >= 1
     assert share.others() is None  # under a second: too short to tell
     # the formula on known counters: 3 s of busy cores, 1 s of it ours, over 2 s of wall time
@@ -596,7 +604,7 @@ def test_core_share_counts_other_programs_and_not_this_one():
     hog = subprocess.Popen([sys.executable, "-c", "while True: sum(i * i for i in range(999))"])
     try:
         time.sleep(0.3)  # the interpreter has started
-        share = live_mod.CoreShare()
+        share = CoreShare()
         time.sleep(1.5)
         assert share.others() >= 0.6
     finally:
@@ -607,9 +615,9 @@ def test_core_share_counts_other_programs_and_not_this_one():
 def test_a_run_that_shared_its_cores_says_so_in_the_status(monkeypatch):
     import torch
 
-    monkeypatch.setattr(live_mod.CoreShare, "others", lambda self, min_wall=1.0: 1.0)
-    monkeypatch.setattr(live_mod.CoreShare, "cores", 2, raising=False)
-    monkeypatch.setattr(live_mod.CoreShare, "__init__", lambda self: None)
+    monkeypatch.setattr(CoreShare, "others", lambda self, min_wall=1.0: 1.0)
+    monkeypatch.setattr(CoreShare, "cores", 2, raising=False)
+    monkeypatch.setattr(CoreShare, "__init__", lambda self: None)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -680,13 +688,13 @@ def test_the_plotly_title_and_mark_labels_have_room_above_the_plot(scale):
     the second one a row, and at the old fixed margin of 50 px it ran into the title). The
     data set's name is plotly's subtitle: at the end of one long title line it ran off the
     figure, and as a second line after <br> the title rose above the figure's top edge."""
-    fig = live_mod.PlotlyFigure("steps", "weight")
+    fig = PlotlyFigure("steps", "weight")
     fig.set_scale(scale)
-    line = live_mod.Trace("w", [0, 1, 2], [1.0, 0.5, 0.25])
+    line = Trace("w", [0, 1, 2], [1.0, 0.5, 0.25])
     tops = {}
     for sub in (False, True):
         for n in (0, 1, 2, 3):
-            marks = [live_mod.Mark(0.5 + 0.1 * i, f"mark {i}") for i in range(n)]
+            marks = [Mark(0.5 + 0.1 * i, f"mark {i}") for i in range(n)]
             data = "\ngenerated shapes (Imagenette layout) - GENERATED DATA" if sub else ""
             fig.draw([line], title="Carrying hyperparameters from B to b" + data, marks=marks)
             layout = fig.fig.layout
@@ -698,7 +706,7 @@ def test_the_plotly_title_and_mark_labels_have_room_above_the_plot(scale):
             tops[sub, n] = layout.margin.t
         assert tops[sub, 0] < tops[sub, 1] < tops[sub, 2] == tops[sub, 3]
     if scale == 1.0:
-        assert tops[False, 0] == live_mod.PlotlyFigure.TOP  # a plain figure as before
+        assert tops[False, 0] == PlotlyFigure.TOP  # a plain figure as before
 
 
 def test_default_legend_label_names_ticked_boxes_and_leaves_out_unticked_ones():
@@ -713,7 +721,7 @@ def test_default_legend_label_names_ticked_boxes_and_leaves_out_unticked_ones():
     assert live.label(live.values()) == "lr=0.05, milestones=(2, 4)"
     controls["reference"].value = True
     assert live.label(live.values()) == "lr=0.05, milestones=(2, 4), reference"
-    assert live_mod.settings_label({"centered": False}) == "defaults"
+    assert settings_label({"centered": False}) == "defaults"
 
 
 def test_a_long_legend_goes_under_the_plot_and_the_figure_grows_for_it():
@@ -721,17 +729,14 @@ def test_a_long_legend_goes_under_the_plot_and_the_figure_grows_for_it():
     than half its height and ran over the x axis' title, and covered half of matplotlib's
     curves (Colab's renderer). Each legend row now adds height below the plot instead."""
     long = "baseline (B=256): lamb, B=256 -> b=32, lr=0.02 at B, rule=lamb (saved, cuda)"
-    assert live_mod.legend_rows([long] * 9) == 9
-    assert live_mod.legend_rows(["train loss", "val loss", "val accuracy"]) == 1
-    assert live_mod.legend_rows([]) == 0
+    assert legend_rows([long] * 9) == 9
+    assert legend_rows(["train loss", "val loss", "val accuracy"]) == 1
+    assert legend_rows([]) == 0
 
     def traces(n):
-        return [
-            live_mod.Trace(f"r{i}", [0, 1, 2], [2.0, 1.5 - 0.01 * i, 1.2], name=long)
-            for i in range(n)
-        ]
+        return [Trace(f"r{i}", [0, 1, 2], [2.0, 1.5 - 0.01 * i, 1.2], name=long) for i in range(n)]
 
-    fig = live_mod.PlotlyFigure("samples seen", "loss", y2label="val accuracy")
+    fig = PlotlyFigure("samples seen", "loss", y2label="val accuracy")
     fig.draw(traces(1), title="t")
     one = fig.fig.layout.height
     assert one == fig.height and fig.fig.layout.legend.yref == "container"
@@ -740,7 +745,7 @@ def test_a_long_legend_goes_under_the_plot_and_the_figure_grows_for_it():
     fig.draw(traces(2), title="t")  # fewer runs: the figure shrinks back
     assert fig.fig.layout.height == one + fig.LEGEND_ROW
 
-    mpl = live_mod.MatplotlibFigure("samples seen", "loss", y2label="val accuracy")
+    mpl = MatplotlibFigure("samples seen", "loss", y2label="val accuracy")
     heights = {}
     for n in (1, 9, 9):  # drawn twice: a redraw replaces the legend, never adds one
         mpl.draw(traces(n), title="t")

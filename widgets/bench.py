@@ -46,8 +46,8 @@ def counting():
 def measure(
     renderer: str, throttle: bool, profile: str | None, grow: bool = True, longer: int = 1
 ) -> dict:
-    from widgets import live as live_mod
     from widgets.start import start_here
+    from widgets.worker import stop_all
 
     live = start_here(profile, renderer=renderer, replay=False)
     live.throttle = throttle
@@ -69,7 +69,7 @@ def measure(
         run = live.run_blocking(timeout=1200, lr=live.values()["lr"] * 0.99)
         seconds = time.perf_counter() - t0
     records = sum(r.kind == "train" for r in run.records)
-    live_mod.stop_all()
+    stop_all()
     return {
         **sent,
         "redraws": live.redraws - redraws,

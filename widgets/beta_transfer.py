@@ -11,8 +11,10 @@ from lessons import scaling as S
 from lessons.config import TrainConfig
 from lessons.ema import half_life
 from lessons.profiles import get_profile
+from widgets.controls import STYLE, log_slider
 from widgets.discounting import beta_slider
-from widgets.live import STYLE, LiveRun, Mark, Trace, log_slider, make_figure
+from widgets.figure import Mark, Trace, make_figure
+from widgets.live import LiveRun
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -104,13 +106,19 @@ def gap_summary(live: LiveRun) -> str:
     )
 
 
-def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
-    """Baseline (batch B) against naive and transferred runs at batch b."""
-    p = get_profile(profile)
-    n_train = p.n_train  # Imagenette's count, or the generated set's
-    batches = [b for b in BATCHES[3:] if b <= n_train // 4]
-    epochs = max(p.epochs, 6)
-    controls = {
+def run_label(name: str, c: TrainConfig, values: dict) -> str:
+    """A run's legend label: its name (which batch, which rule) and the hyperparameters it
+    trained with; the baseline and the naive run used no rule, and their labels say none."""
+    if c.optimizer == "sgd":
+        moments = f"momentum={c.momentum:.3g}"
+    else:
+        moments = f"betas=({c.betas[0]:.3g}, {c.betas[1]:.3g})"
+    return f"{name}: {c.optimizer}, lr={c.lr:.3g}, {moments}"
+
+
+def _transfer_controls(batches: list[int]) -> dict[str, W.ValueWidget]:
+    """The optimizer, the batches B and b, the lr at B and the rule that carries it."""
+    return {
         "optimizer": W.Dropdown(
             options=[("LAMB", "lamb"), ("AdamW", "adamw"), ("SGD + momentum", "sgd")],
             value="lamb",
@@ -134,6 +142,15 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         "rule": W.Dropdown(options=RULES, value="lamb", description="rule"),
     }
 
+
+def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
+    """Baseline (batch B) against naive and transferred runs at batch b."""
+    p = get_profile(profile)
+    n_train = p.n_train  # Imagenette's count, or the generated set's
+    batches = [b for b in BATCHES[3:] if b <= n_train // 4]
+    epochs = max(p.epochs, 6)
+    controls = _transfer_controls(batches)
+
     def make_config(v: dict) -> dict[str, TrainConfig]:
         opt, B, b = v["optimizer"], int(v["base_batch"]), int(v["batch"])
         hp = dict(lr=float(v["lr"]), betas=(0.9, 0.99), weight_decay=0.01)
@@ -148,8 +165,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         }
 
     def label(v: dict) -> str:
-        # one label for the request's three runs, whose names say which batch each used (the
-        # default label said "batch=32" beside the baseline that trained at B)
+        # the request, for the status line; each run's legend label is run_label's
         return (
             f"{v['optimizer']}, B={v['base_batch']} -> b={v['batch']}, "
             f"lr={v['lr']:.3g} at B, rule={v['rule']}"
@@ -160,6 +176,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         make_config,
         name="02_beta_transfer",
         label=label,
+        run_label=run_label,
         summary=gap_summary,
         x_toggle=True,
         title=f"Carrying hyperparameters from batch B to b ({p.name} profile)",

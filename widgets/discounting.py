@@ -10,7 +10,10 @@ import numpy as np
 from lessons import ema as E
 from lessons.config import TrainConfig
 from lessons.profiles import get_profile
-from widgets.live import DEFAULT_SERIES, STYLE, LiveRun, Mark, Series, Trace, make_figure
+from widgets.controls import STYLE
+from widgets.figure import Mark, Trace, make_figure
+from widgets.live import LiveRun
+from widgets.scene import DEFAULT_SERIES, Series
 
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 MAX_POINTS = 4000  # weights drawn per curve; beyond it the curve is subsampled evenly

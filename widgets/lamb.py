@@ -15,7 +15,9 @@ from lessons.config import TrainConfig
 from lessons.models import make_model
 from lessons.optim import LAMB_VARIANTS, Lamb, param_groups
 from lessons.profiles import get_profile
-from widgets.live import COLORS, STYLE, LiveRun, Trace, log_slider
+from widgets.controls import STYLE, log_slider
+from widgets.figure import COLORS, Trace
+from widgets.live import LiveRun
 
 # "off" is a string, not None: ipywidgets reads a selection's value None as "nothing
 # selected", so choosing an option whose value is None blanked the dropdown (index None)
@@ -160,16 +162,12 @@ def trust_panel(live: LiveRun) -> tuple[list[Trace], str]:
     return traces, f"Trust ratio per tensor: {run.label}"
 
 
-def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
-    """LAMB (a chosen variant, or all of them) against AdamW at a large batch."""
-    p = get_profile(profile)
-    n_train = p.n_train  # Imagenette's count, or the generated set's
-    batches = [b for b in (64, 128, 256, 512, 1024, 2048) if b <= n_train // 4]
-    epochs = max(p.epochs, 4)
-    controls = {
+def _lamb_controls(batches: list[int], batch: int) -> dict[str, W.ValueWidget]:
+    """LAMB against AdamW's controls: batch, both lrs, weight decay and the LAMB variant."""
+    return {
         "batch": W.SelectionSlider(
             options=batches,
-            value=batches[-1] if p.name != "ci" else 256,
+            value=batch,
             description="batch",
             continuous_update=False,
         ),
@@ -193,6 +191,15 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
             style=STYLE,
         ),
     }
+
+
+def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
+    """LAMB (a chosen variant, or all of them) against AdamW at a large batch."""
+    p = get_profile(profile)
+    n_train = p.n_train  # Imagenette's count, or the generated set's
+    batches = [b for b in (64, 128, 256, 512, 1024, 2048) if b <= n_train // 4]
+    epochs = max(p.epochs, 4)
+    controls = _lamb_controls(batches, batches[-1] if p.name != "ci" else 256)
 
     def make_config(v: dict) -> dict[str, TrainConfig]:
         base = dict(

@@ -10,7 +10,10 @@ import ipywidgets as W
 from lessons import scaling as S
 from lessons.config import TrainConfig, epoch_train_loss
 from lessons.profiles import get_profile
-from widgets.live import STYLE, LiveRun, Series, Trace, log_slider
+from widgets.controls import STYLE, log_slider
+from widgets.figure import Trace
+from widgets.live import LiveRun
+from widgets.scene import Series
 
 SIZES = (16, 32, 64, 128, 256, 512)
 ADAM, INVARIANT = "Adam, sqrt rule", "invariant Adam, linear rule"
@@ -74,13 +77,9 @@ def invariant_panel(live: LiveRun) -> tuple[list[Trace], str]:
     return traces, f"{INVARIANT} (lr proportional to B, betas^(B/B0)), {MICRO_ADAM} dashed"
 
 
-def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
-    """Train a sweep of batch sizes with both optimizers."""
-    p = get_profile(profile)
-    epochs = max(p.epochs, 6)
-    n_train = p.n_train  # Imagenette's count, or the generated set's
-    sizes = [b for b in SIZES if b <= n_train // 4]
-    controls = {
+def _sweep_controls(sizes: list[int]) -> dict[str, W.ValueWidget]:
+    """The sweep's controls: the lr, the range of batch sizes, the micro-batch, the norm."""
+    return {
         # Wang & Aitchison's figures stay invariant up to lr = 1e-3 at the largest batch: the
         # default sweep (32 - 256) ends there
         "lr": log_slider(1.25e-4, "lr at the smallest batch", -4.5, -1.5),
@@ -101,6 +100,15 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
         # LayerNorm: with BatchNorm the micro-batch would also be BatchNorm's batch
         "norm": W.Dropdown(options=["layer", "batch"], value="layer", description="norm"),
     }
+
+
+def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
+    """Train a sweep of batch sizes with both optimizers."""
+    p = get_profile(profile)
+    epochs = max(p.epochs, 6)
+    n_train = p.n_train  # Imagenette's count, or the generated set's
+    sizes = [b for b in SIZES if b <= n_train // 4]
+    controls = _sweep_controls(sizes)
 
     def make_config(v: dict) -> dict[str, TrainConfig]:
         lo, hi = v["sizes"]

@@ -11,7 +11,9 @@ from lessons import noise as N
 from lessons.callbacks import NoiseScale
 from lessons.config import TrainConfig, epoch_train_loss
 from lessons.profiles import get_profile
-from widgets.live import STYLE, LiveRun, Trace, log_slider
+from widgets.controls import STYLE, log_slider
+from widgets.figure import Trace
+from widgets.live import LiveRun
 
 REFERENCE = "reference"  # the control's key
 REFERENCE_NAME = "no decay"  # its run: base lr and base batch throughout, the noise never drops

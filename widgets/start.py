@@ -6,7 +6,8 @@ import ipywidgets as W
 
 from lessons.config import TrainConfig
 from lessons.profiles import get_profile
-from widgets.live import STYLE, LiveRun, log_slider
+from widgets.controls import STYLE, log_slider
+from widgets.live import LiveRun
 
 BATCHES = (16, 32, 64, 128, 256, 512, 1024)
 

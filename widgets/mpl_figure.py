@@ -1,0 +1,163 @@
+"""The matplotlib renderer: Agg (no pyplot) drawn into an ipywidgets Image as a PNG."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import ipywidgets as W
+
+from lessons import data as data_mod
+from widgets.figure import Mark, Trace, legend_rows
+
+DASHES = {"solid": "-", "dash": "--", "dot": ":"}
+
+
+class MatplotlibFigure:
+    """matplotlib into an ipywidgets Image: works wherever core widgets do (Colab)."""
+
+    min_interval = 0.25
+    max_interval = 1.0
+
+    def __init__(
+        self,
+        xlabel: str,
+        ylabel: str,
+        y2label: str | None = None,
+        y2range: tuple | None = (0, 1),
+        height: int = 420,
+        ylog: bool = False,
+    ):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        self.fig = Figure(figsize=(8.5, height / 100), dpi=90, layout="constrained")
+        self.height = height  # without a legend: each legend row adds a line
+        FigureCanvasAgg(self.fig)
+        self.ax = self.fig.add_subplot()
+        self.ax2 = self.ax.twinx() if y2label is not None else None
+        self.labels = (xlabel, ylabel, y2label)
+        self.y2range = y2range
+        self.ylog = ylog
+        self.widget = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
+        self._traces: list[dict] = []
+        self._marks: list[dict] = []
+        self._title = ""
+        self.scale = 1.0  # presenter mode: larger fonts (lines are scaled by LiveRun)
+
+    def set_scale(self, scale: float) -> None:
+        self.scale = scale  # used by the next draw
+
+    def draw(self, traces: Sequence[Trace], title: str = "", marks: Sequence[Mark] = ()) -> None:
+        fs = 9 * self.scale  # base font size
+        self.ax.clear()
+        if self.ax2 is not None:
+            self.ax2.clear()
+        self._plot(traces)
+        self._draw_marks(marks, fs)
+        self._label_axes(bool(traces), fs)
+        self.ax.set_title(title, fontsize=fs + 1, pad=(26 if marks else 6) * self.scale)
+        self._title = title
+        self.ax.grid(alpha=0.3)
+        rows = self._legend(any(t.showlegend for t in traces), fs)
+        # the figure grows by the legend's rows, so that the plot keeps its height
+        self.fig.set_figheight(self.height / 100 + rows * 1.45 * (fs - 1) / 72)
+        buf = io.BytesIO()
+        self.fig.savefig(buf, format="png")
+        self.widget.value = buf.getvalue()
+
+    def _plot(self, traces: Sequence[Trace]) -> None:
+        self._traces = []
+        for t in traces:
+            target = self.ax2 if t.axis == "y2" and self.ax2 is not None else self.ax
+            label = t.name if t.showlegend else None
+            if t.kind == "bar":
+                target.bar(t.x, t.y, color=t.color, alpha=t.opacity, label=label)
+            else:
+                target.plot(
+                    t.x,
+                    t.y,
+                    color=t.color,
+                    alpha=t.opacity,
+                    lw=t.width * 0.8,
+                    linestyle=DASHES[t.dash] if "lines" in t.mode else "none",
+                    marker="o" if "markers" in t.mode else None,
+                    markersize=3,
+                    label=label,
+                )
+            self._traces.append(
+                {"uid": t.uid, "name": t.name, "points": len(t.x), "opacity": t.opacity}
+            )
+
+    def _draw_marks(self, marks: Sequence[Mark], fs: float) -> None:
+        for i, m in enumerate(marks):
+            self.ax.axvline(m.x, color=m.color, linestyle=DASHES.get(m.dash, "--"), lw=1)
+            self.ax.annotate(
+                m.label,
+                (m.x, 1.0 + 0.05 * (i % 2)),
+                xycoords=("data", "axes fraction"),
+                fontsize=fs - 1,
+                color=m.color,
+                ha="center",
+                va="bottom",
+            )
+        self._marks = [{"x": m.x, "label": m.label} for m in marks]
+
+    def _label_axes(self, any_traces: bool, fs: float) -> None:
+        ax, ax2 = self.ax, self.ax2
+        ax.set_xlabel(self.labels[0], fontsize=fs)
+        ax.set_ylabel(self.labels[1], fontsize=fs)
+        ax.tick_params(labelsize=fs - 1)
+        if self.ylog and any_traces:
+            ax.set_yscale("log")
+        if ax2 is not None:
+            ax2.yaxis.tick_right()  # clear() moves a twin axis back to the left
+            ax2.yaxis.set_label_position("right")
+            ax2.set_ylabel(self.labels[2], fontsize=fs)
+            ax2.tick_params(labelsize=fs - 1)
+            if self.y2range:
+                ax2.set_ylim(*self.y2range)
+
+    def _legend(self, shown: bool, fs: float) -> int:
+        """The legend under the plot, as plotly's (inside it, it covered the curves); its rows."""
+        for old in list(self.fig.legends):
+            old.remove()
+        if not shown:
+            return 0
+        handles, labels = self.ax.get_legend_handles_labels()
+        if self.ax2 is not None:
+            more = self.ax2.get_legend_handles_labels()
+            handles, labels = handles + more[0], labels + more[1]
+        rows = max(1, legend_rows(labels, self.scale, width=720))
+        self.fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=math.ceil(len(labels) / rows),
+            fontsize=fs - 1,
+            frameon=False,
+        )
+        return rows
+
+    def font_size(self) -> float:
+        return self.ax.title.get_fontsize()
+
+    def write_png(self, path: Path, dpi: int = 150) -> None:
+        data_mod.atomic_write(path, lambda f: self.fig.savefig(f, format="png", dpi=dpi))
+
+    def traces(self) -> list[dict]:
+        return list(self._traces)
+
+    def set_xlabel(self, text: str) -> None:
+        self.labels = (text, *self.labels[1:])  # used by the next draw
+
+    def xlabel(self) -> str:
+        return self.labels[0]
+
+    def marks(self) -> list[dict]:
+        return list(self._marks)
+
+    def title(self) -> str:
+        return self._title
