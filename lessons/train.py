@@ -73,16 +73,10 @@ def build_model_and_optimizer(
         torch.manual_seed(c.seed)
         model = c.model(num_classes).to(compute.device)
     model = compute.memory(model)
+    hyper = dict(lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, betas=c.betas, eps=c.eps)
+    hyper |= c.opt_options  # a LAMB variant's own betas and eps win
     opt = build_optimizer(
-        c.optimizer,
-        param_groups(model, c.weight_decay),
-        lr=c.lr,
-        momentum=c.momentum,
-        nesterov=c.nesterov,
-        betas=c.betas,
-        eps=c.eps,
-        fused=compute.fused,
-        **c.opt_options,
+        c.optimizer, param_groups(model, c.weight_decay), fused=compute.fused, **hyper
     )
     return model, opt
 
