@@ -57,6 +57,8 @@ class Lamb(torch.optim.Optimizer):
     A step takes the tensors of a group together (``torch._foreach_*``): on a GPU a loop over
     the tensors would launch a kernel per tensor and operation."""
 
+    DEFAULT_TRUST_CLIP = 10.0  # the fast.ai cap
+
     def __init__(
         self,
         params,
@@ -64,7 +66,7 @@ class Lamb(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
-        trust_clip: float | None = 10.0,
+        trust_clip: float | None = DEFAULT_TRUST_CLIP,
         centered: bool = False,
         eps_inside_sqrt: bool = False,
         *,

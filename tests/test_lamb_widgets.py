@@ -70,6 +70,9 @@ def test_lamb_against_adamw_trains_both_and_draws_trust_ratios():
     cfg = live.make_config(live.values())
     assert cfg["LAMB"].opt_options["trust_clip"] is None
     assert "cap=off" in again["LAMB"].label
+    # each label says what its run used: AdamW has no trust cap to claim
+    assert "cap=" not in again["AdamW"].label and "lr=" in again["AdamW"].label
+    assert "cap=10" in runs["LAMB"].label
 
 
 def test_choosing_no_cap_keeps_the_dropdown_showing_off():

@@ -193,6 +193,18 @@ def _lamb_controls(batches: list[int], batch: int) -> dict[str, W.ValueWidget]:
     }
 
 
+def run_label(name: str, c: TrainConfig, values: dict) -> str:
+    """A run's legend label from what it trained with: a LAMB run names its trust cap, AdamW,
+    which has none, does not."""
+    parts = [f"lr={c.lr:.3g}", f"wd={c.weight_decay:g}", f"batch={c.batch}"]
+    if c.optimizer == "lamb":
+        clip = c.opt_options.get("trust_clip", Lamb.DEFAULT_TRUST_CLIP)
+        parts.append(f"cap={'off' if clip is None else f'{clip:g}'}")
+        if c.opt_options.get("centered"):
+            parts.append("centered")
+    return f"{name}: " + ", ".join(parts)
+
+
 def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
     """LAMB (a chosen variant, or all of them) against AdamW at a large batch."""
     p = get_profile(profile)
@@ -235,6 +247,7 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         make_config,
         name="03_lamb",
         label=label,
+        run_label=run_label,
         panel=trust_panel,
         panel_axes=dict(xlabel="samples seen", ylabel="trust ratio", ylog=True, height=360),
         title=f"LAMB against AdamW ({p.name} profile)",
