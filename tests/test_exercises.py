@@ -31,6 +31,8 @@ def test_too_high_and_too_low_say_how_far_and_never_the_expected_value(capsys):
 def test_small_misses_are_given_to_a_tenth_of_a_percent(capsys):
     assert answer_checker(100.0, rel=0.01)(103.4) is False
     assert said(capsys) == "off by 3.4% (too high)"
+    assert answer_checker(0.3)(0.3 * 1.09999) is False  # rounds to 10%, not "10.0%"
+    assert said(capsys) == "off by 10% (too high)"
 
 
 def test_negative_expected_values_keep_high_and_low_the_right_way_round(capsys):

@@ -30,7 +30,7 @@ def _as_number(value) -> float | None:
 
 
 def _percent(fraction: float) -> str:
-    pct = 100 * fraction
+    pct = round(100 * fraction, 1)
     return f"{pct:.1f}%" if pct < 10 else f"{pct:.0f}%"
 
 
