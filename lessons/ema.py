@@ -20,6 +20,7 @@ import numpy as np
 __all__ = [
     "beta_for_half_life",
     "ema",
+    "ema_over_samples",
     "ema_weights",
     "effective_window",
     "half_life",
@@ -66,6 +67,28 @@ def ema(x, beta: float, debias: bool = False):
         return torch.as_tensor(
             out, dtype=x.dtype if x.is_floating_point() else torch.float64, device=x.device
         )
+    return out
+
+
+def ema_over_samples(x, batches, half_life_samples: float) -> np.ndarray:
+    """A bias-corrected EMA of per-step values whose steps consumed ``batches`` samples each,
+    with a half-life of ``half_life_samples`` samples: a step of batch b discounts by
+    beta_b = 0.5 ** (b / half_life_samples), the per-sample discount to the power b. Runs at
+    different (or changing) batch sizes are so smoothed over the same number of samples; for a
+    constant batch b it is ``ema(x, beta_b, debias=True)``."""
+    values = np.asarray(x, dtype=float)
+    b = np.asarray(batches, dtype=float)
+    if values.ndim != 1 or b.shape != values.shape:
+        raise ValueError(f"x and batches must be 1-D and alike, got {values.shape}, {b.shape}")
+    if not (half_life_samples > 0 and np.all(b > 0)):
+        raise ValueError("the half-life and every batch must be positive")
+    betas = 0.5 ** (b / half_life_samples)
+    out = np.empty_like(values)
+    m = w = 0.0
+    for t, (v, beta) in enumerate(zip(values, betas)):
+        m = beta * m + (1.0 - beta) * v
+        w = beta * w + (1.0 - beta)  # the weight so far: bias correction
+        out[t] = m / w
     return out
 
 

@@ -119,3 +119,23 @@ def test_beta_outside_the_open_interval_is_named(bad):
 def test_other_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_ema_over_samples_smooths_every_batch_over_the_same_samples():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(50)
+    # a constant batch: the per-step EMA with beta = 0.5 ** (b / H), bias-corrected
+    got = E.ema_over_samples(x, [32] * 50, 320.0)
+    assert np.allclose(got, E.ema(x, 0.5 ** (32 / 320), debias=True), rtol=1e-12)
+    # a changing batch: the weighted mean whose weight on step t is (1 - beta_t) times the
+    # discounts of every later step, each 0.5 ** (samples since / H)
+    batches = rng.choice([16, 64, 256], size=50)
+    got = E.ema_over_samples(x, batches, 300.0)
+    betas = 0.5 ** (batches / 300.0)
+    for t in (0, 10, 49):
+        w = np.array([(1 - betas[s]) * np.prod(betas[s + 1 : t + 1]) for s in range(t + 1)])
+        assert np.isclose(got[t], (w * x[: t + 1]).sum() / w.sum(), rtol=1e-12)
+    # the same samples, the same horizon: a half-life of 320 samples is 10 steps at 32, 1 at 320
+    assert E.half_life(0.5 ** (32 / 320)) == pytest.approx(10)
+    with pytest.raises(ValueError, match="positive"):
+        E.ema_over_samples(x, [0] * 50, 10.0)

@@ -225,7 +225,7 @@ def test_both_renderers_draw_the_same_runs():
         for live in (a, b)
     ]
     assert shape[0] == shape[1]
-    assert len(shape[0]) == 6 and shape[0][0][2] < 1 and shape[0][-1][2] == 1
+    assert len(shape[0]) == 8 and shape[0][0][2] < 1 and shape[0][-1][2] == 1
     assert b.figure.widget.value[:8] == b"\x89PNG\r\n\x1a\n"
 
 

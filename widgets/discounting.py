@@ -13,7 +13,7 @@ from lessons.profiles import get_profile
 from widgets.controls import STYLE
 from widgets.figure import Mark, Trace, make_figure
 from widgets.live import LiveRun
-from widgets.scene import DEFAULT_SERIES, Series
+from widgets.scene import VAL_SERIES, Series
 
 BETAS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999)
 MAX_POINTS = 4000  # weights drawn per curve; beyond it the curve is subsampled evenly
@@ -222,7 +222,7 @@ def live_ema(profile: str | None = None, **kwargs) -> LiveRun:
     series = (
         Series("loss", "raw loss", opacity=0.45, width=0.5),
         Series("loss_ema", "smoothed loss", compute=smoothed_loss),
-        *DEFAULT_SERIES[1:],
+        *VAL_SERIES,
     )
     return LiveRun(
         controls,

@@ -14,6 +14,7 @@ from lessons.profiles import get_profile
 from widgets.controls import STYLE, log_slider
 from widgets.figure import Trace
 from widgets.live import LiveRun
+from widgets.scene import EPOCH_SERIES
 
 REFERENCE = "reference"  # the control's key
 REFERENCE_NAME = "no decay"  # its run: base lr and base batch throughout, the noise never drops
@@ -143,6 +144,7 @@ def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
         controls,
         make_config,
         name="04_noise_scale",
+        series=EPOCH_SERIES,
         summary=functools.partial(summary, n=n_train),
         x_toggle=[("epochs", "epoch"), ("parameter updates", "step")],
         panel=noise_panel,

@@ -6,10 +6,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lessons.config import epoch_train_loss
+from lessons.ema import ema_over_samples
 from widgets.figure import Trace
 from widgets.runs import RunRecord
 
 FADED = 0.3  # the opacity of earlier requests' runs, relative to the newest
+# the smoothed training loss's half-life, in epochs' worth of samples: the same samples for
+# every run, whatever its batch (lessons.ema.ema_over_samples)
+SMOOTHING_EPOCHS = 0.1
 
 
 @dataclass(frozen=True)
@@ -27,10 +32,52 @@ class Series:
     width: float = 1.0  # relative line width
 
 
-DEFAULT_SERIES = (
-    Series("loss", "train loss"),
+def _train_points(run: RunRecord) -> list:
+    return [r for r in run.records if r.kind == "train"]
+
+
+def raw_loss(run: RunRecord, view: dict) -> tuple[list, list]:
+    """Every step's training loss, against the view's x axis."""
+    return run.series(view.get("x", "samples"))["loss"]
+
+
+def smoothed_loss(run: RunRecord, view: dict) -> tuple[list, list]:
+    """The training loss as a bias-corrected EMA with a half-life of SMOOTHING_EPOCHS of an
+    epoch's samples, so that curves are compared, not the noise of single steps."""
+    pts = _train_points(run)
+    if not pts:
+        return [], []
+    per_epoch = pts[-1].samples / pts[-1].epoch
+    losses, batches = [r.loss for r in pts], [r.batch for r in pts]
+    ys = ema_over_samples(losses, batches, SMOOTHING_EPOCHS * per_epoch)
+    return [getattr(r, view.get("x", "samples")) for r in pts], ys.tolist()
+
+
+def epoch_mean_loss(run: RunRecord, view: dict) -> tuple[list, list]:
+    """The mean training loss of each epoch, per sample (lessons.config.epoch_train_loss), at
+    the epoch's last step: the curve to compare where a lesson compares epochs."""
+    pts = _train_points(run)
+    last = {r.epoch_index: r for r in pts}  # each epoch's last step
+    x = view.get("x", "samples")
+    return [getattr(r, x) for _, r in sorted(last.items())], epoch_train_loss(pts)
+
+
+RAW_LOSS = Series("loss_raw", "raw loss", compute=raw_loss, opacity=0.25, width=0.5)
+VAL_SERIES = (
     Series("val_loss", "val loss", mode="lines+markers", dash="dash"),
     Series("val_acc", "val accuracy", axis="y2", mode="lines+markers", dash="dot"),
+)
+# the faint raw loss under the smoothed one, and the validation numbers
+DEFAULT_SERIES = (
+    RAW_LOSS,
+    Series("loss", "train loss, smoothed", compute=smoothed_loss),
+    *VAL_SERIES,
+)
+# where a lesson compares epochs: each epoch's mean loss over the raw loss
+EPOCH_SERIES = (
+    RAW_LOSS,
+    Series("loss", "train loss, epoch mean", mode="lines+markers", compute=epoch_mean_loss),
+    *VAL_SERIES,
 )
 
 
