@@ -20,6 +20,7 @@ from lessons.augment import normalize
 from lessons.callbacks import EpochEnd
 from lessons.models import make_model
 from lessons.noise import gradient_moments
+from lessons.optim import InvariantAdamW
 
 
 def measurement_copy(model: torch.nn.Module, x: torch.Tensor, chunk: int = 1024):
@@ -199,3 +200,56 @@ def net_endpoints(x, y, lr: float, width: int = 8, seed: int = 0) -> float:
         for p in big.parameters():
             p -= b * lr * p.grad
     return float((flat(small) - flat(big)).norm() / (flat(big) - w0).norm())
+
+
+def optimizer_v_by_batch(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batches: Sequence[int],
+    micro: int,
+    repeats: int = 4,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """v as the optimizers themselves compute it: after one step of torch.optim.Adam and of
+    InvariantAdamW (micro-batches of ``micro`` samples) on a batch of each size in ``batches``,
+    drawn with replacement from (x, y), the total over all weights of exp_avg_sq / (1 - beta2)
+    (its bias correction), averaged over ``repeats`` draws; on a measurement copy of
+    ``model`` (its BatchNorm statistics fixed), with lr 0 so that no step moves it.
+
+    Standard Adam's v is the squared batch-mean gradient, E = |G|^2 + tr Sigma / B; invariant
+    Adam's the mean of the squared micro-batch gradients, E = |G|^2 + tr Sigma / micro."""
+    net = measurement_copy(model, x)
+    params = [q for q in net.parameters() if q.requires_grad]
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, list[float]] = {"adam": [], "invariant": []}
+    for b in batches:
+        if b % micro:
+            raise ValueError(f"the micro-batch {micro} must divide every batch, not {b}")
+        totals = {"adam": 0.0, "invariant": 0.0}
+        for _ in range(repeats):
+            idx = torch.randint(len(x), (b,), generator=gen)
+            totals["adam"] += _v_after_one_step(net, params, x[idx], y[idx], b)
+            totals["invariant"] += _v_after_one_step(net, params, x[idx], y[idx], micro)
+        for name, total in totals.items():
+            out[name].append(total / repeats)
+    return out
+
+
+def _v_after_one_step(net, params, xb, yb, micro: int) -> float:
+    """One step over (xb, yb) in micro-batches of ``micro`` (the whole batch: torch's Adam);
+    the optimizer's bias-corrected v, summed over the weights."""
+    beta2 = 0.999
+    if micro == len(xb):
+        opt = torch.optim.Adam(params, lr=0.0, betas=(0.9, beta2))
+        F.cross_entropy(net(xb), yb).backward()
+    else:
+        opt = InvariantAdamW(params, lr=0.0, betas=(0.9, beta2), weight_decay=0.0)
+        for xm, ym in zip(xb.split(micro), yb.split(micro)):
+            F.cross_entropy(net(xm), ym).backward()
+            opt.accumulate()
+    opt.step()
+    v = sum(float(opt.state[q]["exp_avg_sq"].sum()) for q in params)
+    for q in params:
+        q.grad = None
+    return v / (1 - beta2)

@@ -1,5 +1,7 @@
 """lessons.measure: gradient moments, B_simple and Adam's direction measured on a model."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,9 @@ import torch
 from lessons import measure as M
 from lessons.config import TrainConfig
 from lessons.models import make_model
+from lessons.optim import InvariantAdamW
 from lessons.train import run
+from tests.conftest import ROOT
 
 
 def test_noise_probe_measures_on_the_model(shapes_ci):
@@ -91,3 +95,50 @@ def test_adams_direction_grows_with_the_batch_where_noise_dominates():
     alike = 1 + 0.05 * torch.randn(4096, 6, generator=torch.Generator().manual_seed(3))
     far = M.adam_direction_by_batch(model, alike, y * 0, (4, 64), samples=4096)
     assert all(0.98 < row["rms_r"] < 1.01 for row in far.values()), far
+
+
+class SquaredMeanAdamW(InvariantAdamW):
+    """Invariant AdamW with its idea taken out: v from the squared mean of the micro-batch
+    gradients, as standard Adam computes it."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for state in self.state.values():
+            if "grad_sum" in state:
+                state["grad_sq_sum"].copy_(state["grad_sum"] ** 2 / self.micro_batches)
+        return super().step(closure)
+
+
+def _notebook_check(name: str, marker: str) -> str:
+    """The source of one numbered self-check of a notebook, from its marker comment to the
+    next numbered check or the cell's closing print."""
+    nb = json.loads((ROOT / "notebooks" / name).read_text())
+    cell = next("".join(c["source"]) for c in nb["cells"] if marker in "".join(c["source"]))
+    block = cell[cell.index(marker) :]
+    ends = [block.find(s) for s in ("\n# 6.", 'print("all checks passed")') if s in block]
+    return block[: min(ends)] if ends else block
+
+
+def test_optimizer_v_follows_the_moments_and_notebook_05s_check_needs_invariance(
+    shapes_ci, monkeypatch
+):
+    """v read from the optimizers' own state: standard Adam's falls with B as |G|^2 + tr
+    Sigma / B, invariant Adam's stays at |G|^2 + tr Sigma / micro. Notebook 05's self-check of
+    that claim passes, and fails once v is the squared mean gradient again."""
+    from lessons.augment import normalize
+
+    torch.manual_seed(0)
+    model = TrainConfig.from_profile("ci").model(len(shapes_ci.classes))
+    x, y = normalize(shapes_ci.train_x[:1024]), shapes_ci.train_y[:1024]
+    moments = {"after 2 epochs": M.measure_gradient_moments(model, x, y, 16, 256, repeats=8)}
+    micro, batches_v = 32, [32, 64, 128, 256, 512]
+    check = _notebook_check("05_micro_batch_variance.ipynb", "# 5. v as the optimizers")
+    assert "assert" in check
+
+    def run_check(v):
+        exec(check, {"v_measured": v, "moments": moments, "batches_v": batches_v, "micro": micro})
+
+    run_check(M.optimizer_v_by_batch(model, x, y, batches_v, micro, repeats=32))
+    monkeypatch.setattr(M, "InvariantAdamW", SquaredMeanAdamW)
+    with pytest.raises(AssertionError):
+        run_check(M.optimizer_v_by_batch(model, x, y, batches_v, micro, repeats=32))
