@@ -238,10 +238,17 @@ def test_sweep_widget_trains_both_families_and_measures_spread():
     main = {t["uid"]: t["points"] for t in live.traces()}
     inv = runs[f"{MB.INVARIANT} B=32"]
     assert main[f"{inv.id}:loss"] == 0  # invariant runs are drawn in the second panel
+    # ... and so the first panel's legend names Adam's runs only
+    legend = [t.name for t in live.figure.fig.data if t.showlegend is not False]
+    assert len(legend) == 2 and all(n.startswith(MB.ADAM) for n in legend), legend
     assert {t["uid"] for t in live.panel_figure.traces()} == {
-        f"inv:{MB.INVARIANT} B=32",
-        f"inv:{MB.INVARIANT} B=64",
+        f"{kind}:{MB.INVARIANT} B={b}" for kind in ("inv", "inv-raw") for b in (32, 64)
     }
+    # the panels are compared by eye: both left axes span one range that holds every curve
+    shared = live.figure.fig.layout.yaxis.range
+    assert shared is not None and tuple(shared) == tuple(live.panel_figure.fig.layout.yaxis.range)
+    losses = [m.loss for r in runs.values() for m in r.records if m.kind == "train"]
+    assert shared[0] <= min(losses) and max(losses) <= shared[1]
     assert live.controls["norm"].value == "layer"  # no BatchNorm batch effect by default
     assert live.run_blocking(micro_batch=32, sizes=(16, 32), timeout=60) is None
     assert "must divide the smallest batch" in live.status.value

@@ -22,21 +22,26 @@ def export_files(
     scale: float = 1.0,
     panel: tuple[list[Trace], str] | None = None,
     panel_axes: dict | None = None,
+    yrange: tuple | None = None,
 ) -> dict[str, Path]:
     """Write <stem>.png, <stem>.html, <stem>.csv (and <stem>-panel.png) into ``folder``;
-    ``axes``: the figure's make_figure arguments. Returns {"png": path, ...}."""
+    ``axes``: the figure's make_figure arguments; ``yrange``: the left axis' range the figure
+    and its panel share (None: each fits its data). Returns {"png": path, ...}."""
     paths = {"png": folder / f"{stem}.png", "html": folder / f"{stem}.html"}
     png = MatplotlibFigure(**axes)
     png.set_scale(scale)
+    png.set_yrange(yrange)
     png.draw(*scene)
     png.write_png(paths["png"])
     page = PlotlyFigure(**axes)
     page.set_scale(scale)
+    page.set_yrange(yrange)
     page.draw(*scene)
     page.write_html(paths["html"])
     if panel is not None:
         paths["panel_png"] = folder / f"{stem}-panel.png"
         fig = MatplotlibFigure(**(panel_axes or {}))
+        fig.set_yrange(yrange)
         fig.draw(*panel)
         fig.write_png(paths["panel_png"])
     paths["csv"] = folder / f"{stem}.csv"

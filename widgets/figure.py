@@ -10,6 +10,7 @@ elsewhere.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -89,7 +90,28 @@ class Figure(Protocol):
     def set_scale(self, scale: float) -> None:
         """Presenter mode: fonts ``scale`` times larger (line widths come with the traces)."""
 
+    def set_yrange(self, yrange: tuple[float, float] | None) -> None:
+        """Fix the left axis' range from the next draw on (None: fit the data)."""
+
     def font_size(self) -> float: ...
+
+
+def shared_yrange(*trace_lists: Sequence[Trace], pad: float = 0.05) -> tuple | None:
+    """One range of the left axis that holds every finite point of these traces, padded:
+    panels compared side by side then read on the same scale. None without points."""
+    ys = [
+        y
+        for traces in trace_lists
+        for t in traces
+        if t.axis == "y"
+        for y in t.y
+        if y is not None and math.isfinite(y)
+    ]
+    if not ys:
+        return None
+    lo, hi = min(ys), max(ys)
+    margin = pad * (hi - lo or abs(hi) or 1.0)
+    return lo - margin, hi + margin
 
 
 def legend_rows(names: Sequence[str], scale: float = 1.0, width: float = 640.0) -> int:

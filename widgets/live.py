@@ -28,7 +28,7 @@ from lessons.warmup import warm_up
 from widgets import front_end, status
 from widgets.controls import check_controls, x_axis_toggle
 from widgets.export import export_files
-from widgets.figure import Mark, Trace, choose_renderer, in_kernel, make_figure
+from widgets.figure import Mark, Trace, choose_renderer, in_kernel, make_figure, shared_yrange
 from widgets.request import Request
 from widgets.runs import RunHistory, RunRecord, load_runs, run_log_path, settings_label
 from widgets.scene import DEFAULT_SERIES, Series, run_traces
@@ -50,7 +50,9 @@ class LiveRun:
         their values reach Series.compute and ``marks``.
     marks: (live) -> list of Mark drawn as labelled vertical lines.
     panel: (live) -> (traces, title) for a second figure under the first, redrawn with it
-        (for example per-layer trust ratios); panel_axes: its make_figure arguments.
+        (for example per-layer trust ratios); panel_axes: its make_figure arguments;
+        shared_y: the figure and the panel share one range of their left axes, for panels
+        that are compared by eye.
     summary: (live) -> HTML shown under the figure after every redraw (measured numbers).
     x_toggle: add a view control that switches the x axis between samples seen and
         parameter updates (True), or between the given (label, Metrics field) options.
@@ -79,6 +81,7 @@ class LiveRun:
         marks: Callable[[LiveRun], list[Mark]] | None = None,
         panel: Callable[[LiveRun], tuple[list[Trace], str]] | None = None,
         panel_axes: dict | None = None,
+        shared_y: bool = False,
         summary: Callable[[LiveRun], str] | None = None,
         x_toggle: bool | Sequence[tuple[str, str]] = False,
     ):
@@ -98,6 +101,7 @@ class LiveRun:
         self.marks = marks
         self.panel = panel
         self.panel_axes = panel_axes
+        self.shared_y = shared_y
         self._axes = dict(ylabel=ylabel, y2label=y2label)
         self._make_figures(renderer, xlabel)
         self.log_path = run_log_path(name)
@@ -270,7 +274,10 @@ class LiveRun:
         xlabel = self.xlabels[self.view().get("x", "samples")]
         axes = dict(xlabel=xlabel, **self._axes)
         scale = self.figure.scale
-        return export_files(folder, stem, scene, runs, axes, scale, panel, self.panel_axes)
+        yrange = shared_yrange(scene[0], panel[0]) if self.shared_y and panel else None
+        return export_files(
+            folder, stem, scene, runs, axes, scale, panel, self.panel_axes, yrange=yrange
+        )
 
     def scene(self) -> tuple[list[Trace], str, list[Mark]]:
         """What the figure shows: a trace per run and series, the title and the marks."""
@@ -328,12 +335,17 @@ class LiveRun:
         with self._draw_lock:
             t0 = time.perf_counter()
             traces, title, marks = self.scene()
+            panel = self._panel_scene() if self.panel_figure is not None else None
+            if self.shared_y and panel is not None:
+                yrange = shared_yrange(traces, panel[0])
+                self.figure.set_yrange(yrange)
+                self.panel_figure.set_yrange(yrange)
             self.figure.set_xlabel(self.xlabels[self.view().get("x", "samples")])
             self.figure.draw(traces, title, marks)
             if self.summary is not None:
                 self.summary_html.value = self.summary(self)
-            if self.panel_figure is not None:
-                self.panel_figure.draw(*self._panel_scene())
+            if panel is not None:
+                self.panel_figure.draw(*panel)
             self.redraws += 1
             self._draw_cost = time.perf_counter() - t0
 

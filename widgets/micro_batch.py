@@ -13,7 +13,7 @@ from lessons.profiles import get_profile
 from widgets.controls import STYLE, log_slider
 from widgets.figure import Trace
 from widgets.live import LiveRun
-from widgets.scene import Series
+from widgets.scene import Series, epoch_mean_loss, raw_loss
 
 SIZES = (16, 32, 64, 128, 256, 512)
 ADAM, INVARIANT = "Adam, sqrt rule", "invariant Adam, linear rule"
@@ -46,30 +46,44 @@ def summary(live: LiveRun) -> str:
     )
 
 
-def _only(family: str):
-    """A Series.compute that draws a run's train loss only if it belongs to ``family``."""
+EPOCHS = {"x": "epoch"}  # the view both panels draw: against epochs
+
+
+def _only(family: str, curve):
+    """A Series.compute that draws ``curve`` of a run against epochs, only if the run belongs
+    to ``family``."""
 
     def compute(run, view):
-        if not run.name.startswith(family):
-            return [], []
-        return run.series("epoch")["loss"]
+        return curve(run, EPOCHS) if run.name.startswith(family) else ([], [])
 
     return compute
 
 
 def invariant_panel(live: LiveRun) -> tuple[list[Trace], str]:
+    """The invariant runs (and micro Adam, dashed) as the main figure draws Adam's: each
+    epoch's mean loss over the faint per-step loss."""
     traces = []
     for run in live.last_group.values():
         reference = run.name.startswith(MICRO_ADAM)
         if run.name.startswith(INVARIANT) or reference:
-            pts = [m for m in run.records if m.kind == "train"]
+            color = "#222222" if reference else run.color
+            traces.append(
+                Trace(
+                    f"inv-raw:{run.name}",
+                    *raw_loss(run, EPOCHS),
+                    color=color,
+                    opacity=0.25,
+                    width=0.5,
+                    showlegend=False,
+                )
+            )
             traces.append(
                 Trace(
                     f"inv:{run.name}",
-                    [m.epoch for m in pts],
-                    [m.loss for m in pts],
+                    *epoch_mean_loss(run, EPOCHS),
                     name=run.name,
-                    color="#222222" if reference else run.color,
+                    mode="lines+markers",
+                    color=color,
                     dash="dash" if reference else "solid",
                     width=1.5,
                 )
@@ -139,7 +153,13 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
         return configs
 
     series = (
-        Series("loss", "train loss", compute=_only(ADAM)),
+        Series("loss_raw", "raw loss", compute=_only(ADAM, raw_loss), opacity=0.25, width=0.5),
+        Series(
+            "loss",
+            "train loss, epoch mean",
+            mode="lines+markers",
+            compute=_only(ADAM, epoch_mean_loss),
+        ),
         Series(
             "val_loss",
             "val loss",
@@ -158,6 +178,7 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
         summary=summary,
         xlabel="epochs",
         panel=invariant_panel,
+        shared_y=True,
         panel_axes=dict(xlabel="epochs", ylabel="loss", height=380),
         title=f"{ADAM} (lr proportional to sqrt B) - {p.name} profile",
         y2label=None,

@@ -45,7 +45,11 @@ class MatplotlibFigure:
         self._traces: list[dict] = []
         self._marks: list[dict] = []
         self._title = ""
+        self.yrange: tuple | None = None  # the left axis' range; None: fit the data
         self.scale = 1.0  # presenter mode: larger fonts (lines are scaled by LiveRun)
+
+    def set_yrange(self, yrange: tuple[float, float] | None) -> None:
+        self.yrange = yrange  # used by the next draw
 
     def set_scale(self, scale: float) -> None:
         self.scale = scale  # used by the next draw
@@ -58,6 +62,8 @@ class MatplotlibFigure:
         self._plot(traces)
         self._draw_marks(marks, fs)
         self._label_axes(bool(traces), fs)
+        if self.yrange is not None:
+            self.ax.set_ylim(*self.yrange)
         self.ax.set_title(title, fontsize=fs + 1, pad=(26 if marks else 6) * self.scale)
         self._title = title
         self.ax.grid(alpha=0.3)

@@ -77,9 +77,16 @@ class PlotlyFigure:
         self._sent: dict[str, tuple] = {}
         self._marks: tuple = ()
         self._title = ""
+        self._yrange: tuple | None = None
         self._laid_out: tuple | None = None  # the marks the top margin was last sized for
         self.last_draw = 0.0  # perf_counter of the last draw(): see deaf()
         self.scale = 1.0  # presenter mode: larger fonts (lines are scaled by LiveRun)
+
+    def set_yrange(self, yrange: tuple[float, float] | None) -> None:
+        if yrange != self._yrange:
+            self._yrange = yrange
+            rng = list(yrange) if yrange else None
+            self.fig.update_yaxes(range=rng, autorange=yrange is None, secondary_y=False)
 
     def set_scale(self, scale: float) -> None:
         self.scale = scale

@@ -107,7 +107,7 @@ def run_traces(
                     opacity=s.opacity * (1.0 if active else FADED),
                     width=s.width * (2.5 if active else 1.5) * line_width,
                     axis=s.axis,
-                    showlegend=first,
+                    showlegend=first and bool(xs),  # no entry for a curve not drawn
                     group=str(run.id),
                 )
             )
