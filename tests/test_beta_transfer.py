@@ -20,11 +20,11 @@ def test_per_sample_weights_follow_the_sliders(renderer):
     assert "0.99344" in {t["uid"]: t for t in w.figure.traces()}["per-sample"]["name"]
 
 
-def test_three_curves_gaps_and_the_x_toggle():
+def test_four_curves_gaps_and_the_x_toggle():
     live = BT.beta_transfer(renderer="plotly")
     runs = live.run_blocking(timeout=300)
-    assert list(runs) == ["baseline (B=256)", "naive (b=32)", "lamb (b=32)"]
-    base, naive, moved = runs.values()
+    assert list(runs) == ["baseline (B=256)", "naive (b=32)", "lr only (b=32)", "lamb (b=32)"]
+    base, naive, lr_only, moved = runs.values()
     # the legend says which batch each run used, and the baseline's does not read "batch=32"
     assert base.label == "baseline (B=256): lamb, lr=0.02, betas=(0.9, 0.99)"
     shown = {t["uid"]: t["name"] for t in live.traces()}
@@ -33,8 +33,12 @@ def test_three_curves_gaps_and_the_x_toggle():
     assert cfg["lamb (b=32)"].lr == pytest.approx(0.02 / 8)
     assert cfg["lamb (b=32)"].betas == pytest.approx((0.9**0.125, 0.99**0.125))
     assert cfg["naive (b=32)"].lr == cfg["baseline (B=256)"].lr
+    # lr only: the rule's learning rate with the baseline's betas
+    assert cfg["lr only (b=32)"].lr == cfg["lamb (b=32)"].lr
+    assert cfg["lr only (b=32)"].betas == cfg["baseline (B=256)"].betas
+    assert lr_only.label == f"lr only (b=32): lamb, lr={0.02 / 8:.3g}, betas=(0.9, 0.99)"
     measured = BT.gaps(live)
-    assert set(measured) == {"naive (b=32)", "lamb (b=32)"}
+    assert set(measured) == {"naive (b=32)", "lr only (b=32)", "lamb (b=32)"}
     assert "naive (b=32)" in live.summary_html.value
     expect = S.curve_gap(*base.series()["loss"], *moved.series()["loss"])
     assert measured["lamb (b=32)"] == pytest.approx(expect)
@@ -56,6 +60,8 @@ def test_each_run_is_labelled_with_what_it_trained_with(tmp_path):
     make = live.make_config
     live.make_config = lambda v: {k: replace(c, max_steps=3) for k, c in make(v).items()}
     runs = live.run_blocking(rule="sgd-linear", timeout=300)
+    # sgd-linear moves the lr alone: no separate lr-only run, it would be the same run
+    assert list(runs) == ["baseline (B=256)", "naive (b=32)", "sgd-linear (b=32)"]
     base, naive, moved = runs.values()
     for run in (base, naive):
         assert "rule" not in run.label and "sgd-linear" not in run.label, run.label

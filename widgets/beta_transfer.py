@@ -144,7 +144,7 @@ def _transfer_controls(batches: list[int]) -> dict[str, W.ValueWidget]:
 
 
 def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
-    """Baseline (batch B) against naive and transferred runs at batch b."""
+    """Baseline (batch B) against naive, lr-only and transferred runs at batch b."""
     p = get_profile(profile)
     n_train = p.n_train  # Imagenette's count, or the generated set's
     batches = [b for b in BATCHES[3:] if b <= n_train // 4]
@@ -157,11 +157,18 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         if opt == "sgd":
             hp = dict(lr=float(v["lr"]), momentum=0.9, weight_decay=5e-4)
         moved = S.transfer(hp, B, b, v["rule"])  # ValueError: shown in the status line
+        # the rule's learning rate alone, the betas (momentum) left as at B: what the lr
+        # contributes, and the full rule what the betas add (not drawn where the rule moves
+        # the lr only)
+        lr_only = {**hp, "lr": moved["lr"]}
         common = dict(optimizer=opt, epochs=epochs, eps=1e-6)
+        hparams = {f"baseline (B={B})": (B, hp), f"naive (b={b})": (b, hp)}
+        if lr_only != moved:
+            hparams[f"lr only (b={b})"] = (b, lr_only)
+        hparams[f"{v['rule']} (b={b})"] = (b, moved)
         return {
-            f"baseline (B={B})": TrainConfig.from_profile(p.name, batch=B, **common, **hp),
-            f"naive (b={b})": TrainConfig.from_profile(p.name, batch=b, **common, **hp),
-            f"{v['rule']} (b={b})": TrainConfig.from_profile(p.name, batch=b, **common, **moved),
+            name: TrainConfig.from_profile(p.name, batch=size, **common, **h)
+            for name, (size, h) in hparams.items()
         }
 
     def label(v: dict) -> str:
