@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ipywidgets as W
 
 from lessons.config import TrainConfig
@@ -10,6 +12,9 @@ from widgets.controls import STYLE, log_slider
 from widgets.live import LiveRun
 
 BATCHES = (16, 32, 64, 128, 256, 512, 1024)
+# the lesson compares the profile's batch with four times it: that run needs this many steps
+# to move off chance, or it reads as broken rather than as "fewer steps"
+STEPS_AT_4X = 25
 
 
 def start_here(profile: str | None = None, **kwargs) -> LiveRun:
@@ -26,8 +31,12 @@ def start_here(profile: str | None = None, **kwargs) -> LiveRun:
         ),
     }
 
+    epochs = max(p.epochs, math.ceil(STEPS_AT_4X * 4 * p.batch / p.n_train))
+
     def make_config(v: dict) -> TrainConfig:
-        return TrainConfig.from_profile(p.name, lr=float(v["lr"]), batch=int(v["batch"]))
+        return TrainConfig.from_profile(
+            p.name, lr=float(v["lr"]), batch=int(v["batch"]), epochs=epochs
+        )
 
     return LiveRun(
         controls,
