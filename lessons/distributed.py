@@ -125,10 +125,12 @@ def rank_env() -> tuple[int, int, int]:
 
 
 def join(rank: int, world: int, local_rank: int, timeout_s: float):
-    """Join the process group (NCCL on CUDA, else gloo) and return it with this rank's device.
-    The ranks meet in a FileStore: LESSONS_DIST_STORE, else one named after torchrun's run;
-    under torchrun's own agent store, in that."""
-    cuda = torch.cuda.is_available() and os.environ.get("LESSONS_DEVICE", "cuda") != "cpu"
+    """Join the process group (NCCL with a GPU per rank, else gloo on the CPU); the group and
+    this rank's device. The ranks meet in a FileStore (LESSONS_DIST_STORE, else one named
+    after torchrun's run), or in torchrun's agent store where it shares one."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    cuda = os.environ.get("LESSONS_DEVICE", "cuda") != "cpu" and torch.cuda.is_available()
+    cuda = cuda and torch.cuda.device_count() >= local_world  # NCCL: a GPU per rank
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -185,6 +187,8 @@ def launch(nproc: int, args: list[str], timeout: float = 300) -> subprocess.Comp
     the finished process with its output (text)."""
     with tempfile.TemporaryDirectory(prefix="lessons-dist-") as tmp:
         env = {**os.environ, **loopback_env(nproc), "LESSONS_DIST_STORE": f"{tmp}/store"}
+        root = str(Path(__file__).resolve().parent.parent)  # where lessons is imported from
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         return subprocess.run(
             torchrun_command(nproc, args, Path(tmp)),
             env=env,
