@@ -326,13 +326,19 @@ def _run(c: TrainConfig, args, rank: int, world: int, local_rank: int) -> int:
     except (RuntimeError, TimeoutError) as err:  # torch.distributed's errors are RuntimeErrors
         print(lost_message(rank, world, args.timeout, err), file=sys.stderr, flush=True)
         return 1
-    dist.destroy_process_group()
     if rank == 0:
         print(report(result), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the process group is destroyed and the results written: skip the interpreter's teardown,
+    # where a collective library's thread still joinable at exit can abort a finished rank
+    os._exit(code)

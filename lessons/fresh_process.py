@@ -153,9 +153,11 @@ def _reduction_child(rank: int, world: int, store: str, profile_name: str, reps:
             fn()
             times.append(time.perf_counter() - t0)
         out[f"{name}_ms"] = 1000 * statistics.median(times[3:])
-    dist.destroy_process_group()
     if rank == 0:
-        print(json.dumps(out))
+        print(json.dumps(out), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: see lessons.distributed's __main__
 
 
 def reduction_cost(profile_name: str, world: int = 2, reps: int = 30) -> dict:
@@ -178,9 +180,9 @@ def reduction_cost(profile_name: str, world: int = 2, reps: int = 30) -> dict:
                 )
             )
         outs = [p.communicate(timeout=300) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        if p.returncode != 0:
-            raise RuntimeError(f"the reduction measurement's rank failed:\n{err}")
+    if any(p.returncode != 0 for p in procs):
+        errors = "\n".join(err for _, err in outs)
+        raise RuntimeError(f"the reduction measurement's ranks failed:\n{errors}")
     r = json.loads(outs[0][0].strip().splitlines()[-1])
     invariant_bytes, adam_bytes = (2 * r["numel"] + 1) * 4, r["numel"] * 4  # float32
     return {

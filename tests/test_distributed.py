@@ -98,6 +98,7 @@ def _optimizer_worker(rank: int, world: int, store: str, out: str) -> None:
     found["skipped_steps"] = opt.skipped_steps
     torch.save(found, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown, as lessons.distributed's __main__
 
 
 def spawn(fn, tmp_path, *args) -> list[dict]:
@@ -157,8 +158,9 @@ def _engine_worker(rank: int, world: int, store: str, out: str, reduce: bool) ->
     )
     share = D.train_share(engine_config(), rank, world, dist.group.WORLD)
     result = D.summary(share, world, 0.0)
-    dist.destroy_process_group()
     torch.save(result, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
 
 
 def engine_config():
