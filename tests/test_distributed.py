@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -225,3 +226,62 @@ def test_a_batch_the_ranks_cannot_split_is_refused_with_what_to_change(capsys, m
     assert "multiple of 32" in err
     with pytest.raises(ValueError, match="multiple of 3 "):
         D.check_split(64, 3, None)
+
+
+# /proc/net/tcp{,6} addresses of 127.0.0.1 and ::1 (IPv4 bytes little-endian, as the kernel
+# prints them)
+LOOPBACK_HEX = ("0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000")
+
+
+def process_tree(root: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    tree, grew = {root}, True
+    while grew:
+        found = {pid for pid, ppid in parents.items() if ppid in tree} - tree
+        tree, grew = tree | found, bool(found)
+    return tree
+
+
+def listening_addresses(pids: set[int]) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp prints them) of the sockets these processes
+    listen on."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: LISTEN
+                found.add(cols[1].split(":")[0])
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's /proc")
+def test_a_launched_run_listens_on_the_loopback_address_only(tmp_path):
+    env = {**os.environ, **D.loopback_env(2), "LESSONS_DIST_STORE": str(tmp_path / "store")}
+    cmd = D.torchrun_command(2, ["--profile", "ci", "--steps", "30"], tmp_path)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen, deadline = set(), time.monotonic() + TIMEOUT
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= listening_addresses(process_tree(proc.pid))
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait() == 0
+    assert seen, "no listening socket seen: gloo listens on every rank while it runs"
+    assert seen <= set(LOOPBACK_HEX), seen
