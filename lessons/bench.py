@@ -31,6 +31,10 @@ Measured in the same run, on the same model, batch, optimizer and precision:
   MALLOC_SETTINGS: glibc malloc's defaults; lessons.tuning.keep_freed_memory(), as train() sets
   on a CPU; and that with one malloc arena for all threads (GLIBC_TUNABLES, as make lab, test and
   bench run): images per second, page faults per step, speedup over the defaults (CPU only);
+- reduce_*: invariant Adam's reduction across processes (the sums of g and g^2 and the count,
+  one all_reduce) against data-parallel Adam's gradient all-reduce, on the profile's model in
+  2 gloo processes on the CPU (lessons.fresh_process.reduction_cost): bytes and milliseconds a
+  step, and their ratios (twice the bytes, by design);
 - sweep_*: a 4-run sweep (learning rates 0.5x, 1x, 2x, 4x the default) one run after the other
   against the four side by side (lessons.sweep.train_many: a thread per run, on CUDA a stream
   per run), each as a multiple of one run.
@@ -65,7 +69,12 @@ from lessons import data, imagenette
 from lessons.callbacks import TrustRatios
 from lessons.compute import cuda_fp16_only, native_bf16, resolve, use_fused
 from lessons.config import TrainConfig
-from lessons.fresh_process import MALLOC_FIELDS, cold_first_points, malloc_effect
+from lessons.fresh_process import (
+    MALLOC_FIELDS,
+    cold_first_points,
+    malloc_effect,
+    reduction_cost,
+)
 from lessons.profiles import Profile, get_profile, pick_device
 from lessons.sweep import train_many
 from lessons.throughput import (
@@ -278,6 +287,7 @@ def run_bench(
         result.update(dict.fromkeys(MALLOC_FIELDS))
     result["first_point_s"] = round(first_point_s(base, ds), 4)
     result.update(cold_first_points(profile.name, name, n_train, n_val))
+    result.update(reduction_cost(profile.name))
     result.update(lesson_and_sweep(base, ds))
     if candidates:
         result["candidates"] = candidate_runs(base, ds, steps, baseline)

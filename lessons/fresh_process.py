@@ -1,13 +1,17 @@
 """Bench measurements that need a fresh Python process: malloc's settings cannot be undone in
-this one, and a first run's lazy imports happen once per process."""
+this one, a first run's lazy imports happen once per process, and a process group needs
+processes of its own."""
 
 from __future__ import annotations
 
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import replace
 
 import torch
@@ -114,3 +118,79 @@ def cold_first_points(profile_name: str, name: str, n_train: int, n_val: int) ->
         )
         out[key] = round(_child_json(code, "first-point measurement")["first_point_s"], 4)
     return out
+
+
+def _reduction_child(rank: int, world: int, store: str, profile_name: str, reps: int) -> None:
+    """One of ``world`` gloo ranks in a fresh process (see reduction_cost): time invariant
+    Adam's reduction of a step (the sums of g and g^2 and the count, InvariantAdamW with a
+    process group) against data-parallel Adam's (the gradients flattened, all-reduced and
+    copied back, as DDP's buckets do) on the profile's model; rank 0 prints one JSON line."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    from lessons.optim import InvariantAdamW
+
+    store = dist.FileStore(store, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    params = list(TrainConfig.from_profile(profile_name).model(10).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = InvariantAdamW(params, process_group=dist.group.WORLD)
+    opt.accumulate()  # the sums exist; each timed reduction adds them up again in place
+    grads = [torch.randn_like(p) for p in params]
+
+    def adam() -> None:
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        torch._foreach_copy_(grads, _unflatten_dense_tensors(flat, grads))
+
+    out = {"numel": sum(p.numel() for p in params)}
+    for name, fn in (("invariant", opt._reduced_count), ("adam", adam)):
+        times = []
+        for _ in range(reps + 3):  # 3 untimed
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[f"{name}_ms"] = 1000 * statistics.median(times[3:])
+    if rank == 0:
+        print(json.dumps(out), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # no interpreter teardown: see lessons.distributed's __main__
+
+
+def reduction_cost(profile_name: str, world: int = 2, reps: int = 30) -> dict:
+    """Bytes and time a step of invariant Adam's reduction against data-parallel Adam's
+    gradient all-reduce: ``world`` gloo processes on this machine's CPU, loopback only."""
+    with tempfile.TemporaryDirectory(prefix="lessons-reduce-") as tmp:
+        env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo0" if sys.platform == "darwin" else "lo"}
+        env |= {"OMP_NUM_THREADS": "1", "LESSONS_DEVICE": "cpu"}
+        procs = []
+        for rank in range(world):
+            args = [rank, world, f"{tmp}/store", profile_name, reps]
+            code = f"from lessons.fresh_process import _reduction_child as f; f(*{args!r})"
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", code],
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        outs = [p.communicate(timeout=300) for p in procs]
+    if any(p.returncode != 0 for p in procs):
+        errors = "\n".join(err for _, err in outs)
+        raise RuntimeError(f"the reduction measurement's ranks failed:\n{errors}")
+    r = json.loads(outs[0][0].strip().splitlines()[-1])
+    invariant_bytes, adam_bytes = (2 * r["numel"] + 1) * 4, r["numel"] * 4  # float32
+    return {
+        "reduce_world": world,
+        "reduce_invariant_bytes": invariant_bytes,
+        "reduce_adam_bytes": adam_bytes,
+        "reduce_bytes_ratio": round(invariant_bytes / adam_bytes, 3),
+        "reduce_invariant_ms": round(r["invariant_ms"], 3),
+        "reduce_adam_ms": round(r["adam_ms"], 3),
+        "reduce_time_ratio": round(r["invariant_ms"] / r["adam_ms"], 2),
+    }

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from lessons.moments import advance_moments, check_adam_args
 
@@ -26,6 +28,27 @@ class InvariantAdamW(torch.optim.Optimizer):
     an inf or NaN (a micro-batch's gradients overflowed) is skipped, as torch.amp.GradScaler
     skips other optimizers' steps: the sums are cleared and nothing else changes, the step
     count included; ``skipped_steps`` counts them. The check costs one host sync a step.
+
+    ``process_group`` (for example ``torch.distributed.group.WORLD``): the micro-batches of a
+    step live on several ranks. ``step()`` first sums, across the group's ranks, the running
+    sums of g and g^2 and the micro-batch counts, in one all_reduce of one flat buffer (per
+    device and dtype), so every rank takes the step of one process that accumulated all ranks'
+    micro-batches: the mean is over micro-batches, so ranks may hold different numbers of them.
+    That is twice the bytes of data-parallel Adam's gradient all-reduce (the squares travel too)
+    and one host sync a step (the count). Every parameter that requires grad then takes part in
+    every step, so that all ranks reduce the same buffer; a group of one rank is the same as none.
+
+    Beside DDP: DDP averages the gradients across ranks during ``backward()``, and squaring that
+    average is standard Adam's v again. Either give the model no DDP wrapper and let this
+    optimizer do the reduction (the ranks' replicas stay equal because every rank takes the same
+    step from the same start: broadcast the parameters once), or run every micro-batch's
+    ``backward()`` under ``model.no_sync()``::
+
+        opt = InvariantAdamW(model.parameters(), lr=1e-3, process_group=dist.group.WORLD)
+        for xb, yb in my_micro_batches:  # this rank's share of the batch
+            F.cross_entropy(model(xb), yb).backward()
+            opt.accumulate()
+        opt.step()  # the same step on every rank
     """
 
     def __init__(
@@ -36,6 +59,7 @@ class InvariantAdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         skip_nonfinite: bool = False,
+        process_group=None,
     ):
         check_adam_args(lr, betas, eps, weight_decay)
         super().__init__(
@@ -44,6 +68,7 @@ class InvariantAdamW(torch.optim.Optimizer):
         self.micro_batches = 0
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
+        self.process_group = process_group
 
     @torch.no_grad()
     def accumulate(self) -> None:
@@ -79,6 +104,26 @@ class InvariantAdamW(torch.optim.Optimizer):
             for key in ("grad_sum", "grad_sq_sum")
         ]
 
+    def _reduced_count(self) -> int:
+        """The micro-batches of this step over the process group's ranks, their sums of g and
+        g^2 added up in place on every rank: one all_reduce per device and dtype. Without a
+        group, this rank's own count."""
+        if self.process_group is None:
+            return self.micro_batches
+        params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        self._sums(params)  # every rank reduces the same tensors, in the same order
+        sums = self._sum_tensors()
+        count = torch.tensor([float(self.micro_batches)], device=sums[0].device)
+        count = count.to(sums[0].dtype)
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for t in [count, *sums]:  # the count rides with the first bucket
+            buckets.setdefault((t.device, t.dtype), []).append(t)
+        for tensors in buckets.values():
+            flat = _flatten_dense_tensors(tensors)
+            dist.all_reduce(flat, group=self.process_group)
+            torch._foreach_copy_(tensors, _unflatten_dense_tensors(flat, tensors))
+        return round(count.item())
+
     @staticmethod
     def _all_finite(sums: list[torch.Tensor]) -> bool:
         """Whether none of ``sums`` (at least one) holds an inf or NaN (one host sync)."""
@@ -112,12 +157,12 @@ class InvariantAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             self.accumulate()
-        if self.micro_batches == 0:
+        k = self._reduced_count()
+        if k == 0:
             raise RuntimeError(
                 "InvariantAdamW.step() needs at least one accumulate(): call loss.backward() "
                 "and then opt.accumulate() for every micro-batch, then opt.step()"
             )
-        k = self.micro_batches
         everything = self._sum_tensors() if self.skip_nonfinite else []
         if everything and not self._all_finite(everything):
             torch._foreach_zero_(everything)

@@ -284,7 +284,7 @@ def _loop(run: Run, stop: threading.Event | None) -> Iterator[Metrics]:
                 yield from rec.flush()
                 yield _closing(run, "stopped", step, samples, epoch_f, batch)
                 return
-            x, y = _batch(run, perm[i * batch : (i + 1) * batch], gen)
+            x, y = prepare_batch(run, perm[i * batch : (i + 1) * batch], gen)
             lr = plan.lr(c, ep.epoch, step)
             for g in run.opt.param_groups:
                 g["lr"] = lr
@@ -304,7 +304,7 @@ def _loop(run: Run, stop: threading.Event | None) -> Iterator[Metrics]:
     yield _closing(run, "done", step, samples, epoch_f, batch, **done)
 
 
-def _batch(run: Run, idx: torch.Tensor, gen: torch.Generator):
+def prepare_batch(run: Run, idx: torch.Tensor, gen: torch.Generator):
     """The training images at ``idx``, normalised, augmented and in the run's memory format,
     and their labels."""
     ds = run.dataset

@@ -79,6 +79,12 @@ def test_bench_prints_one_json_object_with_ratios():
     for setting in ("default", "kept", "one_arena"):
         faults = result[f"malloc_{setting}_faults_per_step"]
         assert isinstance(faults, int) and faults >= 0, (setting, faults)
+    # invariant Adam across 2 processes sends the sums of g and g^2 and the count (float32)
+    assert result["reduce_world"] == 2
+    assert result["reduce_invariant_bytes"] == 2 * result["reduce_adam_bytes"] + 4
+    assert result["reduce_invariant_ms"] > 0 and result["reduce_adam_ms"] > 0
+    reduce = result["reduce_invariant_ms"] / result["reduce_adam_ms"]
+    assert result["reduce_time_ratio"] == pytest.approx(reduce, rel=0.03)
     for mode in ("sequential", "concurrent"):
         over = result[f"sweep_{mode}_s"] / result["lesson_run_s"]  # both rounded to 0.01 s
         assert result[f"sweep_{mode}_over_one_run"] == pytest.approx(over, rel=0.03)
