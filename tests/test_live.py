@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ipywidgets as W
@@ -108,11 +109,12 @@ def test_quick_changes_keep_one_thread_and_the_last_setting_wins():
     assert max(peak) == 1
     assert live.threads_started == 1  # the same worker took every request
     runs = {r.settings["batch"]: r for r in live.runs}
-    assert 32 not in runs or not runs[32].records  # superseded before its first point: dropped
+    assert 32 not in runs  # replaced while it settled: never started
+    # the first run was stopped by a newer setting within its first steps: a stub, dropped
+    assert 64 not in runs and set(runs) == {128}
     assert runs[128].settings["lr"] == pytest.approx(0.01)
     uids = {t["uid"]: t for t in live.traces()}
     assert uids[f"{runs[128].id}:loss"]["opacity"] == 1.0
-    assert uids[f"{runs[64].id}:loss"]["opacity"] < 1.0  # the first run, faded
     assert not live_threads()
 
 
@@ -397,7 +399,14 @@ def test_a_slider_storm_leaves_one_thread_training_the_last_setting():
         peak.append(len(live_threads()))
         time.sleep(0.1)
     assert time.perf_counter() - t0 < 3
-    wait_until(lambda: live.last_run is not None and len(live.last_run.records) > 3)
+    # the storm's last value trains once the storm has settled
+    wait_until(
+        lambda: (
+            live.last_run is not None
+            and live.last_run.settings["lr"] == pytest.approx(values[-1])
+            and len(live.last_run.records) > 3
+        )
+    )
     assert len(live_threads()) == 1 and max(peak) == 1
     assert live.threads_started == 1
     assert live.last_run.settings["lr"] == pytest.approx(values[-1])
@@ -409,6 +418,32 @@ def test_a_slider_storm_leaves_one_thread_training_the_last_setting():
     assert drawn[0]["points"] > 0
     labels = {r.label for r in live.runs}
     assert len(labels) == len(live.runs)  # no setting drawn twice
+
+
+def test_a_burst_of_key_presses_leaves_no_stub_runs():
+    """Pressing a slider's arrow key again and again while a run trains: the runs each press
+    starts and the next one stops within their first steps are dropped, and the presses that
+    come within the settle time start one run, so the lesson's earlier run keeps its place."""
+    live = make_live(epochs=1)
+    first = live.run_blocking(lr=0.05, batch=64, timeout=120)  # the lesson's run, as it was
+    make = live.make_config
+    live.make_config = lambda v: replace(make(v), epochs=50)  # long runs, stopped by presses
+    slider = live.controls["lr"]
+    for i in range(15):  # 15 presses, 50 ms apart
+        slider.value = 0.01 + 0.001 * i
+        time.sleep(0.05)
+    wait_until(
+        lambda: (
+            live.last_run is not None
+            and live.last_run.settings["lr"] == pytest.approx(0.024)
+            and len(live.last_run.records) > 3
+        )
+    )
+    live.stop()
+    assert live.wait(30)
+    kept = [r for r in live.runs if r is not first and r is not live.last_run]
+    assert kept == [], [(r.label, sum(m.kind == "train" for m in r.records)) for r in kept]
+    assert first in live.runs
 
 
 def test_rerunning_the_cell_stops_the_old_widget():

@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from widgets.live import LiveRun
 
 ENDS = ("done", "diverged", "stopped")  # the kinds of a run's last record
+# a run that a newer request stopped before this share of its steps is a stub: dropped, so that
+# a burst of slider moves does not push the lesson's runs out of the history
+STUB_SHARE = 0.1
 
 
 class Request:
@@ -145,13 +148,21 @@ class Request:
             return
         kind = run.records[-1].kind if run.records else "stopped"
         run.status = {"done": "done", "diverged": "diverged"}.get(kind, "stopped")
-        if run.status == "stopped" and not any(r.kind == "train" for r in run.records):
-            self.live.history.drop(run)  # superseded before its first point: nothing worth keeping
+        if run.status == "stopped" and self._stub(run):
+            self.live.history.drop(run)
+            return
         if run.status in ("done", "diverged") or run.status == "stopped" and run.records:
             try:
                 append_run(self.live.log_path, run)
             except OSError as e:
                 self.log_error = e
+
+    def _stub(self, run: RunRecord) -> bool:
+        """No point yet, or superseded by a newer request within its first STUB_SHARE of
+        steps."""
+        steps = sum(r.kind == "train" for r in run.records)
+        early = steps < STUB_SHARE * self.totals.get(run.name, 1)
+        return steps == 0 or (early and self.live.worker.superseded)
 
     def _say_outcome(self) -> None:
         """The one place that says how a request ended."""

@@ -2,8 +2,10 @@
 
 One thread trains at a time: a new request stops the one in flight (its stop event is set,
 and training ends within a step) and the newest request wins; requests that arrive meanwhile
-replace each other. The thread ends when nothing is pending and is started again by the next
-request. Nothing here knows about widgets.
+replace each other. A request that stopped a run may be one of a burst (an arrow key pressed
+again and again): it starts only once ``settle_s`` has passed without a newer one. The thread
+ends when nothing is pending and is started again by the next request. Nothing here knows about
+widgets.
 """
 
 from __future__ import annotations
@@ -34,11 +36,14 @@ class Worker:
         self._thread: threading.Thread | None = None
         self._idle = threading.Event()
         self._idle.set()
+        self._burst = False  # the pending request stopped a request in flight
+        self.settle_s = 0.3
         self.threads_started = 0
 
     def submit(self, request: Any) -> None:
         """Run ``request`` next: the one in flight is told to stop, the newest wins."""
         with self._cond:
+            self._burst = self._burst or self.busy
             self._pending = request
             self._stop.set()
             self._idle.clear()
@@ -53,6 +58,7 @@ class Worker:
         with self._cond:
             self._pending = None
             self._stop.set()
+            self._cond.notify_all()  # a request that settles stops waiting
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until nothing runs or is pending; False on timeout."""
@@ -67,16 +73,26 @@ class Worker:
         """A newer request waits: the one in flight was stopped to make way for it."""
         return self._pending is not None
 
+    def _next(self) -> tuple[Any, threading.Event | None]:
+        """The request to run and its stop event; (None, None) when nothing is pending (the
+        thread then ends). In a burst, each request waits ``settle_s`` for a newer one."""
+        with self._cond:
+            while self._pending is not None:
+                request, self._pending = self._pending, None
+                self._stop = stop = threading.Event()
+                burst, self._burst = self._burst, False
+                if not (burst and self._cond.wait_for(stop.is_set, timeout=self.settle_s)):
+                    return request, stop
+                # replaced (or stopped) while it settled: take the newer one, if any
+            self._thread = None
+            self._idle.set()
+            return None, None
+
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                if self._pending is None:
-                    self._thread = None
-                    self._idle.set()
-                    return
-                request, self._pending = self._pending, None
-                self._stop = threading.Event()
-                stop = self._stop
+            request, stop = self._next()
+            if stop is None:
+                return
             try:
                 self._execute(request, stop)
             except Exception as e:  # the thread must survive anything a run does
