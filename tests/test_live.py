@@ -446,6 +446,17 @@ def test_a_burst_of_key_presses_leaves_no_stub_runs():
     assert first in live.runs
 
 
+def test_clear_keeps_the_newest_requests_runs_and_the_figure_agrees():
+    """Clear old runs removed every run, the newest too, while the summary still listed it."""
+    live = make_live(renderer="plotly", replay=False, summary=lambda lv: str(len(lv.runs)))
+    first = live.run_blocking(lr=0.05, timeout=60)
+    newest = live.run_blocking(lr=0.02, timeout=60)
+    live.clear_button.click()
+    assert live.runs == [newest] and first not in live.runs
+    assert {t["uid"].split(":")[0] for t in live.traces()} == {str(newest.id)}
+    assert live.summary_html.value == "1"
+
+
 def test_rerunning_the_cell_stops_the_old_widget():
     old = make_live(epochs=50)
     old.run_button.click()

@@ -204,7 +204,8 @@ class LiveRun:
         self.worker.stop()
 
     def clear(self) -> None:
-        """Forget the faded runs on screen (the run log keeps them)."""
+        """Forget the faded runs on screen, keeping the newest request's (the run log keeps
+        them all)."""
         self.history.clear()
         self.draw()
 

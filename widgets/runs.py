@@ -136,9 +136,15 @@ class RunHistory:
                 self.last_group.pop(run.name)
 
     def clear(self) -> None:
-        """Forget every run but those training now."""
+        """Forget the earlier requests' runs and the replayed ones: the newest request's runs
+        stay (the summary and the lesson read them), as do runs still training."""
         with self._lock:
-            self.runs = [r for r in self.runs if r.status == "running"]
+            newest = max((r.group for r in self.runs if not r.replayed), default=None)
+            self.runs = [
+                r
+                for r in self.runs
+                if r.status == "running" or (r.group == newest and not r.replayed)
+            ]
 
 
 # --------------------------------------------------------------------------- labels
