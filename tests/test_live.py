@@ -457,6 +457,19 @@ def test_clear_keeps_the_newest_requests_runs_and_the_figure_agrees():
     assert live.summary_html.value == "1"
 
 
+def test_a_run_that_never_learned_says_so_and_printed_status_is_plain_text():
+    """At a learning rate where the net learns nothing, the status line says the run stayed
+    at chance and what to change, not a plain "Done"; status_text is the same words without
+    the status line's HTML, for a notebook cell to print."""
+    live = make_live(epochs=2, replay=False)
+    live.run_blocking(lr=1e-6, timeout=60)  # the weights barely move
+    assert "stayed at chance" in live.status_text and "lower the learning rate" in live.status_text
+    assert live.status_text.startswith("Done") and "<" not in live.status_text
+    assert "<span" in live.status.value  # the widget's line is coloured HTML
+    live.run_blocking(lr=0.05, timeout=60)  # learns (val loss 2.13, 23% on ci): no such note
+    assert "stayed at chance" not in live.status_text
+
+
 def test_rerunning_the_cell_stops_the_old_widget():
     old = make_live(epochs=50)
     old.run_button.click()

@@ -155,6 +155,7 @@ class LiveRun:
         self.export_links = W.HTML()
         self.summary_html = W.HTML()
         self.status = W.HTML(value=status.status_html(status.READY))
+        self.status_text = status.READY
         self.progress = W.IntProgress(value=0, min=0, max=1, layout=W.Layout(width="40%"))
         self.progress_text = W.Label(value="")
         self.run_button.on_click(lambda _: self.request(self.values()))
@@ -291,7 +292,9 @@ class LiveRun:
 
     # ---- what a Request calls (widgets.request)
     def say(self, text: str, level: str = "info") -> None:
-        """Show ``text`` in the status line, in the colour of ``level``."""
+        """Show ``text`` in the status line, in the colour of ``level``; ``status_text`` keeps
+        it as plain text, for a notebook cell to print."""
+        self.status_text = text
         self.status.value = status.status_html(text, level)
 
     def label_run(self, name: str, config: TrainConfig, values: dict) -> str:

@@ -189,7 +189,10 @@ class Request:
         parts = [f"{r.name}: {r.result()}" if r.name else r.result() for r in runs]
         what = runs[0].label if len(runs) == 1 else self.live.label(self.values)
         secs = time.perf_counter() - self.t0
-        return status.done(what, secs, "; ".join(parts), runs[0].meta.get("notice"), self._cores())
+        notice = runs[0].meta.get("notice")
+        text, level = status.done(what, secs, "; ".join(parts), notice, self._cores())
+        stuck = status.stayed_at_chance(runs, len(self.data[runs[0].name].classes))
+        return (f"{text} {stuck[0]}", stuck[1]) if stuck else (text, level)
 
     def _cores(self) -> str:
         """status.core_share_note for this request so far (CPU runs only)."""
