@@ -92,3 +92,22 @@ def test_the_rule_menu_fits_this_lessons_optimizers():
     assert moved.lr == pytest.approx(0.02 * S.momentum_lr_factor(0.9, 0.125))
     assert live.run_blocking(optimizer="sgd", rule="adam-sqrt", timeout=60) is None
     assert "Impossible setting" in live.status.value and "use &#x27;lamb&#x27;" in live.status.value
+
+
+def test_each_role_keeps_its_colour_across_requests():
+    """Lesson 2's baseline was red, then grey, then green: a run's colour now comes from its
+    role, the same in every request, whatever the batches and the rule."""
+    live = BT.beta_transfer(renderer="plotly")
+    make = live.make_config
+    live.make_config = lambda v: {k: replace(c, max_steps=3) for k, c in make(v).items()}
+    first = live.run_blocking(timeout=300)  # B=256 -> b=32 with the lamb rule
+    second = live.run_blocking(batch=64, rule="sgd-linear", timeout=300)
+
+    def colour(runs, role):
+        return next(r.color for name, r in runs.items() if BT.role(name) == role)
+
+    for role in ("baseline", "naive", "transferred"):
+        assert colour(first, role) == colour(second, role), role
+    assert len({r.color for r in first.values()}) == len(first)  # the roles apart
+    drawn = {t.meta: t.line.color for t in live.figure.fig.data}
+    assert all(drawn[f"{r.id}:loss"] == r.color for r in live.runs)  # as the figure draws

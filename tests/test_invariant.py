@@ -244,6 +244,12 @@ def test_sweep_widget_trains_both_families_and_measures_spread():
     assert {t["uid"] for t in live.panel_figure.traces()} == {
         f"{kind}:{MB.INVARIANT} B={b}" for kind in ("inv", "inv-raw") for b in (32, 64)
     }
+    # one colour per batch size, in both panels
+    main_colors = {t.meta: t.line.color for t in live.figure.fig.data}
+    panel_colors = {t.meta: t.line.color for t in live.panel_figure.fig.data}
+    adam32 = runs[f"{MB.ADAM} B=32"]
+    assert panel_colors[f"inv:{MB.INVARIANT} B=32"] == main_colors[f"{adam32.id}:loss"]
+    assert panel_colors[f"inv:{MB.INVARIANT} B=32"] != panel_colors[f"inv:{MB.INVARIANT} B=64"]
     # the panels are compared by eye: both left axes span one range that holds every curve
     shared = live.figure.fig.layout.yaxis.range
     assert shared is not None and tuple(shared) == tuple(live.panel_figure.fig.layout.yaxis.range)

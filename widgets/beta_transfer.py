@@ -106,6 +106,12 @@ def gap_summary(live: LiveRun) -> str:
     )
 
 
+def role(name: str) -> str:
+    """A run's role, whose colour it keeps whatever the batches and the rule."""
+    kind = name.split(" (")[0]
+    return kind if kind in ("baseline", "naive", "lr only") else "transferred"
+
+
 def run_label(name: str, c: TrainConfig, values: dict) -> str:
     """A run's legend label: its name (which batch, which rule) and the hyperparameters it
     trained with; the baseline and the naive run used no rule, and their labels say none."""
@@ -184,6 +190,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         name="02_beta_transfer",
         label=label,
         run_label=run_label,
+        color_roles=role,
         summary=gap_summary,
         x_toggle=True,
         title=f"Carrying hyperparameters from batch B to b ({p.name} profile)",

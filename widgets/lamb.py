@@ -248,6 +248,7 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         name="03_lamb",
         label=label,
         run_label=run_label,
+        color_roles=lambda name: name,  # LAMB (or a variant) and AdamW keep their colours
         panel=trust_panel,
         panel_axes=dict(xlabel="samples seen", ylabel="trust ratio", ylog=True, height=360),
         title=f"LAMB against AdamW ({p.name} profile)",

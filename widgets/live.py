@@ -53,6 +53,8 @@ class LiveRun:
         (for example per-layer trust ratios); panel_axes: its make_figure arguments;
         shared_y: the figure and the panel share one range of their left axes, for panels
         that are compared by eye.
+    color_roles: a run's name -> its role; every run of a role keeps one colour, in every
+        panel, request and export (default: a colour per run).
     summary: (live) -> HTML shown under the figure after every redraw (measured numbers).
     x_toggle: add a view control that switches the x axis between samples seen and
         parameter updates (True), or between the given (label, Metrics field) options.
@@ -82,6 +84,7 @@ class LiveRun:
         panel: Callable[[LiveRun], tuple[list[Trace], str]] | None = None,
         panel_axes: dict | None = None,
         shared_y: bool = False,
+        color_roles: Callable[[str], str] | None = None,
         summary: Callable[[LiveRun], str] | None = None,
         x_toggle: bool | Sequence[tuple[str, str]] = False,
     ):
@@ -106,7 +109,7 @@ class LiveRun:
         self._make_figures(renderer, xlabel)
         self.log_path = run_log_path(name)
         replayed = load_runs(self.log_path, max_history) if replay else []
-        self.history = RunHistory(replayed, max_history)
+        self.history = RunHistory(replayed, max_history, color_roles)
         self.subtitle = ""  # the data set, under the title
         self.front_end_notice = ""  # set when plotly could not display and matplotlib took over
         self.redraws = 0  # figure updates sent: each is one batched message

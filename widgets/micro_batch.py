@@ -179,6 +179,7 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
         xlabel="epochs",
         panel=invariant_panel,
         shared_y=True,
+        color_roles=lambda name: name.rsplit(" ", 1)[-1],  # one colour per batch size
         panel_axes=dict(xlabel="epochs", ylabel="loss", height=380),
         title=f"{ADAM} (lr proportional to sqrt B) - {p.name} profile",
         y2label=None,

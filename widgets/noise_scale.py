@@ -145,6 +145,7 @@ def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
         make_config,
         name="04_noise_scale",
         series=EPOCH_SERIES,
+        color_roles=lambda name: name,  # a schedule keeps its colour in both panels
         summary=functools.partial(summary, n=n_train),
         x_toggle=[("epochs", "epoch"), ("parameter updates", "step")],
         panel=noise_panel,

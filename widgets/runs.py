@@ -8,7 +8,7 @@ import csv
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +30,7 @@ class RunRecord:
     meta: dict = field(default_factory=dict)
     group: int = 0  # runs started by one request (one setting) share a group
     name: str = ""  # the run's name inside its group ("LAMB", "AdamW"...), "" when alone
+    role_color: str = ""  # its role's colour (RunHistory), where the lesson names roles
 
     @property
     def display_label(self) -> str:
@@ -50,8 +51,8 @@ class RunRecord:
 
     @property
     def color(self) -> str:
-        """The run's colour, the same in every figure and panel."""
-        return COLORS[self.id % len(COLORS)]
+        """The run's colour, the same in every figure and panel: its role's, else its own."""
+        return self.role_color or COLORS[self.id % len(COLORS)]
 
     def result(self) -> str:
         """The last validation numbers, as the status line says them ("" before any)."""
@@ -94,9 +95,20 @@ class RunHistory:
     requests before it, one curve per label, and the runs of the last request. Thread-safe:
     the worker adds runs while the figure reads them."""
 
-    def __init__(self, runs: list[RunRecord], max_history: int):
-        self.runs = runs
+    def __init__(
+        self,
+        runs: list[RunRecord],
+        max_history: int,
+        role_of: Callable[[str], str] | None = None,
+    ):
+        """``role_of``: a run's name -> its role ("baseline", "grow batch", "B=64"); every run
+        of a role gets the role's colour, in every panel, request and export."""
         self.max_history = max_history
+        self.role_of = role_of
+        self._palette: dict[str, str] = {}  # role -> colour, in the order roles appear
+        for run in runs:
+            self._paint(run)
+        self.runs = runs
         self.last_run: RunRecord | None = None  # the run the last request made (None: none)
         self.last_group: dict[str, RunRecord] = {}  # the runs of the last request, by name
         self._lock = threading.Lock()
@@ -117,6 +129,7 @@ class RunHistory:
             run = RunRecord(
                 self._next_id, dict(values), label, meta=meta, group=self._group, name=name
             )
+            self._paint(run)
             # one curve per setting: a rerun replaces the older curve of the same settings
             self.runs = [r for r in self.runs if r.label != run.label or r.status == "running"]
             self.runs.append(run)
@@ -126,6 +139,15 @@ class RunHistory:
             keep = set(groups[-(self.max_history + 1) :])
             self.runs = [r for r in self.runs if r.group in keep]
         return run
+
+    def _paint(self, run: RunRecord) -> None:
+        """Give a named run its role's colour, the next free one for a new role."""
+        if self.role_of is None or not run.name:
+            return
+        role = self.role_of(run.name)
+        if role not in self._palette:
+            self._palette[role] = COLORS[len(self._palette) % len(COLORS)]
+        run.role_color = self._palette[role]
 
     def drop(self, run: RunRecord) -> None:
         """Forget a run that has nothing worth showing."""
