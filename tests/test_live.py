@@ -470,6 +470,17 @@ def test_a_run_that_never_learned_says_so_and_printed_status_is_plain_text():
     assert "stayed at chance" not in live.status_text
 
 
+def test_a_summary_drawn_while_the_request_trains_says_it_is_partial():
+    live = make_live(epochs=50, replay=False, summary=lambda lv: f"{len(lv.runs)} runs")
+    live.run_button.click()
+    wait_until(lambda: live.last_run is not None and len(live.last_run.records) > 2)
+    live.draw()
+    assert live.summary_html.value == "1 runs<i>(partial: the request is still training)</i>"
+    live.stop()
+    assert live.wait(30)
+    assert live.summary_html.value == "1 runs"  # the request's last draw: complete
+
+
 def test_rerunning_the_cell_stops_the_old_widget():
     old = make_live(epochs=50)
     old.run_button.click()

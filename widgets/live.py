@@ -350,13 +350,20 @@ class LiveRun:
             self.figure.set_xlabel(self.xlabels[self.view().get("x", "samples")])
             self.figure.draw(traces, title, marks)
             if self.summary is not None:
-                self.summary_html.value = self.summary(self)
+                self.summary_html.value = self._summary()
             if panel is not None:
                 self.panel_figure.draw(*panel)
             self.redraws += 1
             self._draw_cost = time.perf_counter() - t0
 
     # ---- internals
+    def _summary(self) -> str:
+        """The lesson's summary; while the request still trains, marked as partial."""
+        text = self.summary(self)
+        if text and any(r.status == "running" for r in self.last_group.values()):
+            text += "<i>(partial: the request is still training)</i>"
+        return text
+
     def _execute(self, values: dict, stop: threading.Event) -> None:
         """The worker's job: one request (widgets.request)."""
         self.history.new_request()
