@@ -218,7 +218,7 @@ def test_sweep_spread():
 
 
 @pytest.mark.usefixtures("private_run_log")
-def test_sweep_widget_trains_both_families_and_measures_spread():
+def test_sweep_widget_trains_both_families_and_measures_spread(tmp_path):
     from widgets import micro_batch as MB
 
     live = MB.sweep_live(renderer="plotly")
@@ -250,6 +250,10 @@ def test_sweep_widget_trains_both_families_and_measures_spread():
     adam32 = runs[f"{MB.ADAM} B=32"]
     assert panel_colors[f"inv:{MB.INVARIANT} B=32"] == main_colors[f"{adam32.id}:loss"]
     assert panel_colors[f"inv:{MB.INVARIANT} B=32"] != panel_colors[f"inv:{MB.INVARIANT} B=64"]
+    # an export holds every panel the widget shows, as PNG and as HTML
+    paths = live.export(tmp_path, stem="sweep")
+    assert {"png", "html", "panel_png", "panel_html", "csv"} <= set(paths)
+    assert f"{MB.INVARIANT} B=64" in paths["panel_html"].read_text()
     # the panels are compared by eye: both left axes span one range that holds every curve
     shared = live.figure.fig.layout.yaxis.range
     assert shared is not None and tuple(shared) == tuple(live.panel_figure.fig.layout.yaxis.range)

@@ -481,6 +481,17 @@ def test_a_summary_drawn_while_the_request_trains_says_it_is_partial():
     assert live.summary_html.value == "1 runs"  # the request's last draw: complete
 
 
+def test_both_renderers_take_a_log_x_axis():
+    trace = Trace("v", [8, 64, 512], [3.0, 2.0, 1.5])
+    plotly = PlotlyFigure(xlabel="B", ylabel="v", xlog=True)
+    plotly.draw([trace])
+    assert plotly.fig.layout.xaxis.type == "log"
+    mpl = MatplotlibFigure(xlabel="B", ylabel="v", xlog=True)
+    mpl.draw([trace])
+    assert mpl.ax.get_xscale() == "log"
+    assert MatplotlibFigure(xlabel="B", ylabel="v").ax.get_xscale() == "linear"
+
+
 def test_rerunning_the_cell_stops_the_old_widget():
     old = make_live(epochs=50)
     old.run_button.click()

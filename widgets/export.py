@@ -24,7 +24,7 @@ def export_files(
     panel_axes: dict | None = None,
     yrange: tuple | None = None,
 ) -> dict[str, Path]:
-    """Write <stem>.png, <stem>.html, <stem>.csv (and <stem>-panel.png) into ``folder``;
+    """Write <stem>.png, <stem>.html, <stem>.csv (and <stem>-panel.png and .html) into ``folder``;
     ``axes``: the figure's make_figure arguments; ``yrange``: the left axis' range the figure
     and its panel share (None: each fits its data). Returns {"png": path, ...}."""
     paths = {"png": folder / f"{stem}.png", "html": folder / f"{stem}.html"}
@@ -44,6 +44,11 @@ def export_files(
         fig.set_yrange(yrange)
         fig.draw(*panel)
         fig.write_png(paths["panel_png"])
+        paths["panel_html"] = folder / f"{stem}-panel.html"
+        page = PlotlyFigure(**(panel_axes or {}))
+        page.set_yrange(yrange)
+        page.draw(*panel)
+        page.write_html(paths["panel_html"])
     paths["csv"] = folder / f"{stem}.csv"
     data_mod.atomic_write(paths["csv"], lambda f: write_runs_csv(f, runs), binary=False)
     return paths

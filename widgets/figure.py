@@ -63,7 +63,8 @@ class Mark:
 class Figure(Protocol):
     """What LiveRun and the lessons ask of a renderer.
 
-    Made with (xlabel, ylabel, y2label=None, y2range=(0, 1), height=420, ylog=False).
+    Made with (xlabel, ylabel, y2label=None, y2range=(0, 1), height=420, ylog=False,
+    xlog=False).
     ``min_interval``/``max_interval``: seconds between redraws while a run streams in (see
     LiveRun.redraw_interval); ``scale``: the presenter scale set by set_scale."""
 

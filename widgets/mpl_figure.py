@@ -29,6 +29,7 @@ class MatplotlibFigure:
         y2range: tuple | None = (0, 1),
         height: int = 420,
         ylog: bool = False,
+        xlog: bool = False,
     ):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -41,6 +42,7 @@ class MatplotlibFigure:
         self.labels = (xlabel, ylabel, y2label)
         self.y2range = y2range
         self.ylog = ylog
+        self.xlog = xlog
         self.widget = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
         self._traces: list[dict] = []
         self._marks: list[dict] = []
@@ -118,6 +120,8 @@ class MatplotlibFigure:
         ax.tick_params(labelsize=fs - 1)
         if self.ylog and any_traces:
             ax.set_yscale("log")
+        if self.xlog and any_traces:
+            ax.set_xscale("log")
         if ax2 is not None:
             ax2.yaxis.tick_right()  # clear() moves a twin axis back to the left
             ax2.yaxis.set_label_position("right")
@@ -136,6 +140,8 @@ class MatplotlibFigure:
         if self.ax2 is not None:
             more = self.ax2.get_legend_handles_labels()
             handles, labels = handles + more[0], labels + more[1]
+        if not labels:  # only unnamed curves: matplotlib leaves them out of a legend
+            return 0
         rows = max(1, legend_rows(labels, self.scale, width=720))
         self.fig.legend(
             handles,

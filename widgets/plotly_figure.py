@@ -37,6 +37,7 @@ class PlotlyFigure:
         y2range: tuple | None = (0, 1),
         height: int = 420,
         ylog: bool = False,
+        xlog: bool = False,
     ):
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
@@ -60,7 +61,7 @@ class PlotlyFigure:
             template="plotly_white",
             barmode="overlay",
         )
-        self.fig.update_xaxes(title_text=xlabel)
+        self.fig.update_xaxes(title_text=xlabel, type="log" if xlog else "linear")
         self.fig.update_yaxes(
             title_text=ylabel, secondary_y=False, type="log" if ylog else "linear"
         )
