@@ -839,3 +839,19 @@ def test_a_long_legend_goes_under_the_plot_and_the_figure_grows_for_it():
         assert legend.y1 < axes.y0  # under the plot, not over the curves
         heights[n] = axes.height
     assert heights[9] == pytest.approx(heights[1], rel=0.05)  # the plot kept its height
+
+
+def test_the_chance_note_names_each_stuck_run_with_its_own_loss():
+    """With several runs, the note gave the last run's loss, stuck or not (or failed on a run
+    without an evaluation)."""
+    from lessons.config import Metrics
+    from widgets.runs import RunRecord
+    from widgets.status import stayed_at_chance
+
+    def run(label, val_loss, val_acc):
+        ev = Metrics(10, 640, 1.0, None, 0.05, 64, val_loss, val_acc, kind="eval")
+        return RunRecord(1, {}, label, records=[ev])
+
+    text, level = stayed_at_chance([run("stuck", 2.31, 0.1), run("fine", 1.5, 0.5)], 10)
+    assert "stuck (val loss 2.310)" in text and "fine" not in text and "1.500" not in text
+    assert stayed_at_chance([run("fine", 1.5, 0.5), RunRecord(2, {}, "none")], 10) is None

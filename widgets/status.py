@@ -106,16 +106,17 @@ def done(what: str, secs: float, result: str, notice: str | None, cores: str) ->
 def stayed_at_chance(runs: list[RunRecord], classes: int) -> tuple[str, str] | None:
     """A finished run that never learned: its last validation loss still at chance's
     ln(classes) and its accuracy at chance's 1/classes. Says so, with what to change."""
+    chance = math.log(classes)
     stuck = []
     for run in runs:
         ev = run.last("eval")
-        if ev is not None and ev.val_loss > 0.98 * math.log(classes) and ev.val_acc < 1.3 / classes:
-            stuck.append(run.label)
+        if ev is not None and ev.val_loss > 0.98 * chance and ev.val_acc < 1.3 / classes:
+            stuck.append(f"{run.label} (val loss {ev.val_loss:.3f})")
     if not stuck:
         return None
     text = (
-        f"{'; '.join(stuck)}: stayed at chance (val loss {ev.val_loss:.3f}, chance "
-        f"{math.log(classes):.3f}): lower the learning rate, or train longer at a large batch."
+        f"{'; '.join(stuck)}: stayed at chance (loss {chance:.3f}): lower the learning rate, "
+        "or train longer at a large batch."
     )
     return text, "warn"
 
