@@ -120,8 +120,10 @@ def bench_data(profile: Profile, device: torch.device, progress: bool):
         return ds, source, notice
 
 
-def _median_rate(config: TrainConfig, ds, repeats: int = 3) -> float:
-    engine_img_per_s(replace(config, max_steps=WARMUP), ds)  # warm up
+def _median_rate(config: TrainConfig, ds, warmup: int = WARMUP, repeats: int = 3) -> float:
+    """The engine's median images per second over ``repeats`` timed runs, after an untimed
+    run of ``warmup`` steps."""
+    engine_img_per_s(replace(config, max_steps=warmup), ds)
     return statistics.median(engine_img_per_s(config, ds) for _ in range(repeats))
 
 
@@ -249,8 +251,7 @@ def run_bench(
     timed = replace(base, evaluate=False, max_steps=steps + 1, epochs=10_000)
     short = replace(timed, max_steps=max(20, steps // 2) + 1)
 
-    engine_img_per_s(replace(timed, max_steps=4 * WARMUP), ds)  # warm up
-    engine = statistics.median(engine_img_per_s(timed, ds) for _ in range(3))
+    engine = _median_rate(timed, ds, warmup=4 * WARMUP)  # the first run warms the device too
     bare = statistics.median(bare_img_per_s(timed, ds, steps) for _ in range(3))
     by_precision = precision_rates(timed, ds)
     folder = data.ensure_extracted(Path(ds.extras["archive"]), ds.extras["root_name"])
