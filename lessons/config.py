@@ -115,6 +115,22 @@ class TrainConfig:
         base.update(overrides)
         return cls(**base)
 
+    def fingerprint(self) -> str | None:
+        """What this config trains, as text: equal for two configs that train the same run
+        (schedules compared by their value at each epoch); None when a callback holds code
+        whose effect cannot be compared."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("lr_at", "batch_at") and value is not None:
+                value = [value(e) for e in range(math.ceil(self.epochs) + 1)]
+            elif f.name == "callbacks":
+                value = [_callback_fingerprint(cb) for cb in value]
+                if None in value:
+                    return None
+            parts.append(f"{f.name}={value!r}")
+        return ";".join(parts)
+
     def model(self, num_classes: int) -> torch.nn.Module:
         """A new model of this config's architecture (width, depth, norm, stem), on the CPU
         in the default memory format, initialised from torch's global RNG as it stands."""
@@ -156,6 +172,15 @@ class TrainConfig:
             raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.bf16 and self.fp16:
             raise ValueError("choose one of bf16 and fp16 autocast, not both")
+
+
+def _callback_fingerprint(callback) -> str | None:
+    """A callback's class and plain settings; None if it holds anything else (code)."""
+    plain = (int, float, str, bool, tuple, type(None))
+    settings = vars(callback)
+    if not all(isinstance(v, plain) for v in settings.values()):
+        return None
+    return f"{type(callback).__name__}{sorted(settings.items())!r}"
 
 
 def epoch_train_loss(records: Sequence[Metrics]) -> list[float]:

@@ -32,6 +32,7 @@ from widgets.figure import Mark, Trace, choose_renderer, in_kernel, make_figure,
 from widgets.request import Request
 from widgets.runs import RunHistory, RunRecord, load_runs, run_log_path, settings_label
 from widgets.scene import DEFAULT_SERIES, Series, run_traces
+from widgets.seeds import Seeds
 from widgets.worker import Worker, hook_kernel_interrupt, register
 
 
@@ -56,6 +57,9 @@ class LiveRun:
     color_roles: a run's name -> its role; every run of a role keeps one colour, in every
         panel, request and export (default: a colour per run).
     summary: (live) -> HTML shown under the figure after every redraw (measured numbers).
+    seeds: how many seeds each run trains (an int, or by run name): the lead and its seed
+        runs, drawn faintly in its colour, show the spread a claim is stated against
+        (widgets.seeds).
     x_toggle: add a view control that switches the x axis between samples seen and
         parameter updates (True), or between the given (label, Metrics field) options.
     """
@@ -87,6 +91,7 @@ class LiveRun:
         color_roles: Callable[[str], str] | None = None,
         summary: Callable[[LiveRun], str] | None = None,
         x_toggle: bool | Sequence[tuple[str, str]] = False,
+        seeds: Seeds = 1,
     ):
         check_controls(controls)
         self.name = name
@@ -105,6 +110,7 @@ class LiveRun:
         self.panel = panel
         self.panel_axes = panel_axes
         self.shared_y = shared_y
+        self.seeds = seeds
         self._axes = dict(ylabel=ylabel, y2label=y2label)
         self._make_figures(renderer, xlabel)
         self.log_path = run_log_path(name)

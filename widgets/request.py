@@ -11,6 +11,7 @@ outcome is worded in one place.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -22,6 +23,7 @@ from lessons.train import load_data
 from widgets import status
 from widgets.cores import CoreShare
 from widgets.runs import RunRecord, append_run
+from widgets.seeds import expand
 
 if TYPE_CHECKING:
     from widgets.live import LiveRun
@@ -40,7 +42,10 @@ class Request:
         self.values = values
         self.stop = stop
         self.configs: dict[str, TrainConfig] = {}
+        self.lead_of: dict[str, str] = {}  # a seed run's name -> its lead's (widgets.seeds)
         self.data: dict = {}
+        self.keys: dict[str, str] = {}  # what each config trains, on its device (_key)
+        self.reused: dict[str, RunRecord] = {}  # finished runs of the same settings
         self.runs: dict[str, RunRecord] = {}  # the runs started so far, in order
         self.steps: dict[str, int] = {}
         self.totals: dict[str, int] = {}
@@ -63,19 +68,39 @@ class Request:
             except Exception:  # advice only (psutil absent, counters unreadable)
                 pass
         self.t0 = time.perf_counter()
-        self._train(together=len(self.configs) > 1 and concurrent_by_default(on))
+        self._reuse()
+        if self.configs:
+            self._train(together=len(self.configs) > 1 and concurrent_by_default(on))
+        else:
+            self.live.draw()
         self._say_outcome()
         return True
 
     def _prepare(self) -> None:
         made = self.live.make_config(self.values)
-        self.configs = made if isinstance(made, dict) else {"": made}
+        made = made if isinstance(made, dict) else {"": made}
+        self.configs, self.lead_of = expand(made, self.live.seeds)
         first = next(iter(self.configs.values()))
         device = pick_device() if first.device is None else first.device
         self.live.say(status.preparing(first.dataset, device), "info")
         self.data = {name: load_data(c, device) for name, c in self.configs.items()}
         for name, c in self.configs.items():
             c.check(self.data[name].n_train)
+        self.keys = {name: _key(c, self.data[name]) for name, c in self.configs.items()}
+        finished = self.live.history.finished()
+        for name in self.configs:
+            old = finished.get(self.keys[name])
+            lead = self.lead_of.get(name)
+            if old is not None and (lead is None or lead in self.reused):
+                self.reused[name] = old
+
+    def _reuse(self) -> None:
+        """Show the finished runs of unchanged settings again instead of retraining them (a
+        control that does not affect them moved); train only the rest."""
+        for name, old in self.reused.items():
+            run = self._add(name, dict(old.meta, reused=True))
+            run.records, run.status = list(old.records), "done"
+        self.configs = {n: c for n, c in self.configs.items() if n not in self.reused}
 
     def _train(self, together: bool) -> None:
         """The one loop: records into runs, progress and redraws, runs finished as they end."""
@@ -95,7 +120,7 @@ class Request:
                     continue
                 self.live.show_progress(*self._counts(), time.perf_counter() - t0)
                 self._finish(run)  # drawn at the next redraw, or the last
-                following = names[len(self.runs) :]
+                following = [n for n in names if n not in self.runs]
                 if not together and following and not self.stop.is_set():
                     self._start(following[:1], together)  # train_many trains it next
                     t0, last_draw = time.perf_counter(), 0.0
@@ -118,11 +143,22 @@ class Request:
                 "dataset": ds.name,
                 "notice": ds.notice,
                 "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "key": self.keys[name],
             }
-            label = self.live.label_run(name, config, self.values)
-            self.runs[name] = self.live.history.add(name, label, self.values, meta)
+            self._add(name, meta)
             self.steps[name], self.totals[name] = 0, 1
         self.active = names
+
+    def _add(self, name: str, meta: dict) -> RunRecord:
+        """A new run on the figure, labelled; a seed run under its lead."""
+        config = self.configs[name]
+        lead = self.runs.get(self.lead_of.get(name, ""))
+        if lead is not None:
+            label = f"{lead.label}, seed {config.seed}"
+        else:
+            label = self.live.label_run(name, config, self.values)
+        self.runs[name] = self.live.history.add(name, label, self.values, meta, lead)
+        return self.runs[name]
 
     def _resolved(self, run: RunRecord, precision: str, together: bool) -> None:
         """A run's first record says how it computes: keep it, and say what trains now."""
@@ -151,6 +187,8 @@ class Request:
         if run.status == "stopped" and self._stub(run):
             self.live.history.drop(run)
             return
+        if run.meta.get("reused"):
+            return  # the run log has it already
         if run.status in ("done", "diverged") or run.status == "stopped" and run.records:
             try:
                 append_run(self.live.log_path, run)
@@ -186,12 +224,15 @@ class Request:
             total = self.totals[stopped[0].name]
             what = self.live.label(self.values)
             return None if self.live.worker.superseded else status.stopped(stopped, what, total)
-        parts = [f"{r.name}: {r.result()}" if r.name else r.result() for r in runs]
+        leads = [r for r in runs if r.lead is None]  # a seed run's numbers are in the summary
+        parts = [f"{r.name}: {r.result()}" if r.name else r.result() for r in leads]
         what = runs[0].label if len(runs) == 1 else self.live.label(self.values)
         secs = time.perf_counter() - self.t0
         notice = runs[0].meta.get("notice")
         text, level = status.done(what, secs, "; ".join(parts), notice, self._cores())
-        stuck = status.stayed_at_chance(runs, len(self.data[runs[0].name].classes))
+        if self.reused:
+            text += " " + status.reused(len(self.reused), len(runs))
+        stuck = status.stayed_at_chance(leads, len(self.data[runs[0].name].classes))
         return (f"{text} {stuck[0]}", stuck[1]) if stuck else (text, level)
 
     def _cores(self) -> str:
@@ -205,3 +246,13 @@ class Request:
         except Exception:  # the counters are advice: never let them fail a finished run
             return ""
         return status.core_share_note(others, self.core_share.cores, torch.get_num_threads())
+
+
+def _key(config: TrainConfig, ds) -> str:
+    """What ``config`` trains, on which data and device: a finished run with the same key is
+    the same run (TrainConfig.fingerprint); "" for a config that cannot be compared."""
+    fingerprint = config.fingerprint()
+    if fingerprint is None:
+        return ""
+    text = f"{fingerprint};data={ds.name};device={ds.device}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -31,13 +31,20 @@ class RunRecord:
     group: int = 0  # runs started by one request (one setting) share a group
     name: str = ""  # the run's name inside its group ("LAMB", "AdamW"...), "" when alone
     role_color: str = ""  # its role's colour (RunHistory), where the lesson names roles
+    # the same settings with other seeds (widgets.seeds), and for one of those its lead
+    seed_runs: list[RunRecord] = field(default_factory=list, repr=False, compare=False)
+    lead: RunRecord | None = field(default=None, repr=False, compare=False)
 
     @property
     def display_label(self) -> str:
-        """The legend text: settings, and for a run from the log where it ran."""
+        """The legend text: settings, how many seeds, and for a run from the log where it
+        ran."""
+        label = self.label
+        if self.seed_runs:
+            label += f" ({1 + len(self.seed_runs)} seeds)"
         if not self.replayed:
-            return self.label
-        return f"{self.label} (saved, {self.meta.get('device', '?')})"
+            return label
+        return f"{label} (saved, {self.meta.get('device', '?')})"
 
     def series(self, x: str = "samples") -> dict[str, tuple[list, list]]:
         """Train loss, val loss and val accuracy against ``x``: "samples" or "step"."""
@@ -122,26 +129,50 @@ class RunHistory:
             self._group += 1
             return self._group
 
-    def add(self, name: str, label: str, values: dict, meta: dict) -> RunRecord:
-        """A new run of the current request."""
+    def add(
+        self, name: str, label: str, values: dict, meta: dict, lead: RunRecord | None = None
+    ) -> RunRecord:
+        """A new run of the current request; with ``lead``, one of that run's seed runs (drawn
+        beside it, not one of ``last_group``)."""
         with self._lock:
             self._next_id += 1
             run = RunRecord(
                 self._next_id, dict(values), label, meta=meta, group=self._group, name=name
             )
-            self._paint(run)
+            self._paint(run, lead)
             # one curve per setting: a rerun replaces the older curve of the same settings
-            self.runs = [r for r in self.runs if r.label != run.label or r.status == "running"]
+            # (and its seed runs)
+            gone = {id(r) for r in self.runs if r.label == run.label and r.status != "running"}
+            self.runs = [r for r in self.runs if not {id(r), id(r.lead)} & gone]
             self.runs.append(run)
-            self.last_run = run
-            self.last_group[name] = run
+            if lead is not None:
+                run.meta["seed_of"] = lead.label
+                attach(run, lead)
+            else:
+                self.last_run = run
+                self.last_group[name] = run
             groups = list(dict.fromkeys(r.group for r in self.runs))
             keep = set(groups[-(self.max_history + 1) :])
             self.runs = [r for r in self.runs if r.group in keep]
         return run
 
-    def _paint(self, run: RunRecord) -> None:
-        """Give a named run its role's colour, the next free one for a new role."""
+    def finished(self) -> dict[str, RunRecord]:
+        """This session's finished runs by what they trained (their meta "key"), to be shown
+        again rather than retrained."""
+        with self._lock:
+            return {
+                r.meta["key"]: r
+                for r in self.runs
+                if r.status == "done" and not r.replayed and r.meta.get("key")
+            }
+
+    def _paint(self, run: RunRecord, lead: RunRecord | None = None) -> None:
+        """Give a named run its role's colour, the next free one for a new role; a seed run
+        its lead's colour."""
+        if lead is not None or run.lead is not None:
+            lead = lead or run.lead
+            run.role_color = lead.role_color or lead.color
+            return
         if self.role_of is None or not run.name:
             return
         role = self.role_of(run.name)
@@ -152,10 +183,11 @@ class RunHistory:
     def drop(self, run: RunRecord) -> None:
         """Forget a run that has nothing worth showing."""
         with self._lock:
-            if run in self.runs:
-                self.runs.remove(run)
+            self.runs = [r for r in self.runs if r is not run and r.lead is not run]
             if self.last_group.get(run.name) is run:
                 self.last_group.pop(run.name)
+            if run.lead is not None:
+                run.lead.seed_runs = [r for r in run.lead.seed_runs if r is not run]
 
     def clear(self) -> None:
         """Forget the earlier requests' runs and the replayed ones: the newest request's runs
@@ -167,6 +199,13 @@ class RunHistory:
                 for r in self.runs
                 if r.status == "running" or (r.group == newest and not r.replayed)
             ]
+
+
+def attach(run: RunRecord, lead: RunRecord) -> None:
+    """Make ``run`` one of ``lead``'s seed runs: its group and, in the figure, its colour."""
+    run.lead, run.group = lead, lead.group
+    run.role_color = lead.role_color or lead.color
+    lead.seed_runs.append(run)
 
 
 # --------------------------------------------------------------------------- labels
@@ -211,7 +250,24 @@ def load_runs(path: Path, limit: int) -> list[RunRecord]:
             runs.append(RunRecord.from_json(line, -1 - i))
         except (ValueError, KeyError, TypeError):
             continue  # a torn or foreign line: skip it
-    return runs[-limit:] if limit else []
+    runs = runs[-limit:] if limit else []
+    return _seed_runs_to_leads(runs)
+
+
+def _seed_runs_to_leads(runs: list[RunRecord]) -> list[RunRecord]:
+    """Attach each saved seed run to the latest earlier run it was a seed of; drop it when
+    that lead is not among ``runs``."""
+    kept: list[RunRecord] = []
+    for run in runs:
+        of = run.meta.get("seed_of")
+        if of is None:
+            kept.append(run)
+            continue
+        lead = next((r for r in reversed(kept) if r.label == of and r.lead is None), None)
+        if lead is not None:
+            attach(run, lead)
+            kept.append(run)
+    return kept
 
 
 # --------------------------------------------------------------------------- CSV

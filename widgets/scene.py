@@ -12,6 +12,7 @@ from widgets.figure import Trace
 from widgets.runs import RunRecord
 
 FADED = 0.3  # the opacity of earlier requests' runs, relative to the newest
+SEED_RUN = 0.45  # the opacity of a run's seed runs (widgets.seeds), relative to the run's
 # the smoothed training loss's half-life, in epochs' worth of samples: the same samples for
 # every run, whatever its batch (lessons.ema.ema_over_samples)
 SMOOTHING_EPOCHS = 0.1
@@ -92,9 +93,13 @@ def run_traces(
     for run in runs:
         active = run.group == newest and not run.replayed
         data = run.series(view.get("x", "samples"))  # samples, step or epoch
+        seed_run = run.lead is not None
         for s in series:
+            if seed_run and s.opacity < 1:
+                continue  # a seed run: its main curves only, faint, without a legend entry
             xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
-            first = s is lead
+            first = s is lead and not seed_run
+            faint = (SEED_RUN if seed_run else 1.0) * (1.0 if active else FADED)
             traces.append(
                 Trace(
                     uid=f"{run.id}:{s.key}",
@@ -104,11 +109,11 @@ def run_traces(
                     mode=s.mode,
                     dash=s.dash,
                     color=run.color,
-                    opacity=s.opacity * (1.0 if active else FADED),
-                    width=s.width * (2.5 if active else 1.5) * line_width,
+                    opacity=s.opacity * faint,
+                    width=s.width * (2.5 if active and not seed_run else 1.5) * line_width,
                     axis=s.axis,
                     showlegend=first and bool(xs),  # no entry for a curve not drawn
-                    group=str(run.id),
+                    group=str((run.lead or run).id),  # a seed run toggles with its lead
                 )
             )
     return traces

@@ -103,6 +103,12 @@ def done(what: str, secs: float, result: str, notice: str | None, cores: str) ->
     return text, "warn" if notice or cores else "ok"
 
 
+def reused(n: int, total: int) -> str:
+    """Says that ``n`` of the request's ``total`` runs were shown, not retrained."""
+    which = "every run" if n == total else f"{n} of {total} runs"
+    return f"({which} unchanged by this setting: shown again, not retrained.)"
+
+
 def stayed_at_chance(runs: list[RunRecord], classes: int) -> tuple[str, str] | None:
     """A finished run that never learned: its last validation loss still at chance's
     ln(classes) and its accuracy at chance's 1/classes. Says so, with what to change."""
