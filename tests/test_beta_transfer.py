@@ -26,20 +26,28 @@ def test_four_curves_gaps_and_the_x_toggle():
     assert list(runs) == ["baseline (B=256)", "naive (b=32)", "lr only (b=32)", "lamb (b=32)"]
     base, naive, lr_only, moved = runs.values()
     # the legend says which batch each run used, and the baseline's does not read "batch=32"
-    assert base.label == "baseline (B=256): lamb, lr=0.02, betas=(0.9, 0.99)"
+    assert base.label == "baseline (B=256): lamb, lr=0.035, betas=(0.9, 0.99)"
     shown = {t["uid"]: t["name"] for t in live.traces()}
-    assert shown[f"{base.id}:loss"] == base.label and "batch=32" not in base.label
+    assert shown[f"{base.id}:loss"] == f"{base.label} (2 seeds)" and "batch=32" not in base.label
+    # the baseline trains from two seeds: its other seed is drawn, and measures the spread
+    (other,) = base.seed_runs
+    assert other.settings == base.settings and f"{other.id}:loss" in shown
+    assert not any(r.seed_runs for r in (naive, lr_only, moved))
     cfg = live.make_config(live.values())
-    assert cfg["lamb (b=32)"].lr == pytest.approx(0.02 / 8)
+    assert cfg["lamb (b=32)"].lr == pytest.approx(0.035 / 8)
     assert cfg["lamb (b=32)"].betas == pytest.approx((0.9**0.125, 0.99**0.125))
     assert cfg["naive (b=32)"].lr == cfg["baseline (B=256)"].lr
     # lr only: the rule's learning rate with the baseline's betas
     assert cfg["lr only (b=32)"].lr == cfg["lamb (b=32)"].lr
     assert cfg["lr only (b=32)"].betas == cfg["baseline (B=256)"].betas
-    assert lr_only.label == f"lr only (b=32): lamb, lr={0.02 / 8:.3g}, betas=(0.9, 0.99)"
+    assert lr_only.label == f"lr only (b=32): lamb, lr={0.035 / 8:.3g}, betas=(0.9, 0.99)"
     measured = BT.gaps(live)
-    assert set(measured) == {"naive (b=32)", "lr only (b=32)", "lamb (b=32)"}
+    assert set(measured) == {"naive (b=32)", "lr only (b=32)", "lamb (b=32)", BT.SEED_SPREAD}
+    spread = S.curve_gap(*base.series()["loss"], *other.series()["loss"])
+    assert measured[BT.SEED_SPREAD] == pytest.approx(spread) and spread > 0
+    naive_in_spreads = f"{measured['naive (b=32)'] / spread:.1f} seed spreads"
     assert "naive (b=32)" in live.summary_html.value
+    assert naive_in_spreads in live.summary_html.value
     expect = S.curve_gap(*base.series()["loss"], *moved.series()["loss"])
     assert measured["lamb (b=32)"] == pytest.approx(expect)
     # the x toggle: parameter updates instead of samples, no new run
@@ -65,10 +73,10 @@ def test_each_run_is_labelled_with_what_it_trained_with(tmp_path):
     base, naive, moved = runs.values()
     for run in (base, naive):
         assert "rule" not in run.label and "sgd-linear" not in run.label, run.label
-    assert naive.label == "naive (b=32): lamb, lr=0.02, betas=(0.9, 0.99)"
-    assert moved.label == f"sgd-linear (b=32): lamb, lr={0.02 / 8:.3g}, betas=(0.9, 0.99)"
+    assert naive.label == "naive (b=32): lamb, lr=0.035, betas=(0.9, 0.99)"
+    assert moved.label == f"sgd-linear (b=32): lamb, lr={0.035 / 8:.3g}, betas=(0.9, 0.99)"
     names = {t["name"] for t in live.traces()}
-    assert {base.label, naive.label, moved.label} <= names
+    assert {f"{base.label} (2 seeds)", naive.label, moved.label} <= names
     rows = list(csv.DictReader(live.export(tmp_path, stem="runs")["csv"].open()))
     labels = {r["run"]: r["label"] for r in rows}
     assert labels[str(base.id)] == base.label and labels[str(naive.id)] == naive.label
@@ -89,7 +97,7 @@ def test_the_rule_menu_fits_this_lessons_optimizers():
     cfg = live.make_config({**live.values(), "optimizer": "sgd", "rule": "lamb"})
     moved = cfg["lamb (b=32)"]
     assert moved.momentum == pytest.approx(0.9**0.125)
-    assert moved.lr == pytest.approx(0.02 * S.momentum_lr_factor(0.9, 0.125))
+    assert moved.lr == pytest.approx(0.035 * S.momentum_lr_factor(0.9, 0.125))
     assert live.run_blocking(optimizer="sgd", rule="adam-sqrt", timeout=60) is None
     assert "Impossible setting" in live.status.value and "use &#x27;lamb&#x27;" in live.status.value
 

@@ -32,6 +32,16 @@ CASES = {
         "S.transfer = lambda hparams, from_batch, to_batch, rule: dict(hparams)\n",
         "dist[1] / dist[0]",  # torch SGD's distance per sample, kept by the rule
     ),
+    "Adam's learning rate carried unchanged (betas moved)": (
+        "02_deriving_beta_one_over_b.ipynb",
+        "import lessons.scaling as S\n"
+        "_transfer = S.transfer\n"
+        "def _lr_kept(hparams, from_batch, to_batch, rule):\n"
+        "    moved = _transfer(hparams, from_batch, to_batch, rule)\n"
+        "    return {**moved, 'lr': hparams['lr']} if 'betas' in hparams else moved\n"
+        "S.transfer = _lr_kept\n",
+        'measured["lamb (b=32)"] < min(2 * spread',  # the rule within seed spread
+    ),
     "LAMB without its trust ratio": (
         "03_lamb_internals.ipynb",
         "import torch\n"

@@ -78,31 +78,46 @@ class PerSampleWeights:
         )
 
 
+SEED_SPREAD = "baseline, another seed"  # gaps()'s entry for the baseline's seed spread
+
+
 def gaps(live: LiveRun) -> dict[str, float]:
     """For the newest request: each curve's gap to the baseline (mean |loss difference| over
-    the second half, at equal samples seen; see lessons.scaling.curve_gap)."""
+    the second half, at equal samples seen; see lessons.scaling.curve_gap), and as
+    SEED_SPREAD the gap between two seeds of the baseline itself: how far apart the same
+    settings land, the unit the lesson states its claims in."""
     group = list(live.last_group.values())
     base = next((r for r in group if r.name.startswith("baseline")), None)
     if base is None or not base.records:
         return {}
     bx, by = base.series()["loss"]
+    others = [r for r in group if r is not base] + base.seed_runs[:1]
     out = {}
-    for r in group:
-        if r is not base and r.records:
+    for r in others:
+        if r.records:
             try:
-                out[r.name] = S.curve_gap(bx, by, *r.series()["loss"])
+                gap = S.curve_gap(bx, by, *r.series()["loss"])
             except ValueError:  # not far enough yet to overlap the second half
-                pass
+                continue
+            out[SEED_SPREAD if r.lead is base else r.name] = gap
     return out
 
 
 def gap_summary(live: LiveRun) -> str:
-    rows = "".join(f"<li>{html.escape(k)}: <b>{v:.3f}</b></li>" for k, v in gaps(live).items())
+    measured = gaps(live)
+    spread = measured.get(SEED_SPREAD)
+    rows = "".join(
+        f"<li>{html.escape(k)}: <b>{v:.3f}</b>"
+        + (f" ({v / spread:.1f} seed spreads)" if spread and k != SEED_SPREAD else "")
+        + "</li>"
+        for k, v in measured.items()
+    )
     if not rows:
         return ""
     return (
         "Gap to the baseline (mean |loss difference| over the second half, at equal "
-        f"samples seen):<ul>{rows}</ul>"
+        f"samples seen). The baseline's other seed is the seed spread: a gap within about one "
+        f"spread is noise, one several spreads away is not.<ul>{rows}</ul>"
     )
 
 
@@ -144,13 +159,14 @@ def _transfer_controls(batches: list[int]) -> dict[str, W.ValueWidget]:
             continuous_update=False,
             style=STYLE,
         ),
-        "lr": log_slider(0.02, "lr at B", -4, 0),
+        "lr": log_slider(0.035, "lr at B", -4, 0),
         "rule": W.Dropdown(options=RULES, value="lamb", description="rule"),
     }
 
 
 def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
-    """Baseline (batch B) against naive, lr-only and transferred runs at batch b."""
+    """Baseline (batch B, from two seeds) against naive, lr-only and transferred runs at
+    batch b."""
     p = get_profile(profile)
     n_train = p.n_train  # Imagenette's count, or the generated set's
     batches = [b for b in BATCHES[3:] if b <= n_train // 4]
@@ -191,6 +207,7 @@ def beta_transfer(profile: str | None = None, **kwargs) -> LiveRun:
         label=label,
         run_label=run_label,
         color_roles=role,
+        seeds=lambda name: 2 if name.startswith("baseline") else 1,  # the seed spread
         summary=gap_summary,
         x_toggle=True,
         title=f"Carrying hyperparameters from batch B to b ({p.name} profile)",
