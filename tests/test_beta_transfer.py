@@ -119,3 +119,32 @@ def test_each_role_keeps_its_colour_across_requests():
     assert len({r.color for r in first.values()}) == len(first)  # the roles apart
     drawn = {t.meta: t.line.color for t in live.figure.fig.data}
     assert all(drawn[f"{r.id}:loss"] == r.color for r in live.runs)  # as the figure draws
+
+
+@pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])
+@pytest.mark.parametrize(("beta", "batch"), [(0.99, 64), (0.9999, 128), (0.5, 2)])
+def test_per_sample_weights_reach_past_the_half_life(renderer, beta, batch):
+    w = BT.PerSampleWeights(beta=beta, batch=batch, renderer=renderer)
+    half_life = w.figure.marks()[0]["x"]
+    if renderer == "plotly":
+        shown = {t.meta: t for t in w.figure.fig.data}
+        xs, ys = shown["per-sample"].x, shown["per-sample"].y
+        assert len(xs) <= 4000
+        # where the curves are plotted, they are the EMAs' weights
+        per_sample = S.scale_beta(beta, batch, 1)
+        assert ys[-1] == pytest.approx((1 - per_sample) * per_sample ** xs[-1])
+        stairs = shown["batched"].y
+        assert stairs[-1] == pytest.approx((1 - beta) * beta ** (xs[-1] // batch) / batch)
+    else:
+        xs = w.figure.ax.lines[0].get_xdata()
+    assert max(xs) > 1.5 * half_life
+
+
+def test_x_axis_toggle_keeps_its_label_beside_its_buttons():
+    """In the wrapping row of controls the toggle moves as one: never shrunk (its buttons
+    would wrap under its label), its label at its own width."""
+    live = BT.beta_transfer(renderer="matplotlib")
+    toggle = live.view_controls["x"]
+    assert toggle.description == "x axis"
+    assert toggle.layout.flex == "0 0 auto" and toggle.layout.width == "max-content"
+    assert toggle.style.description_width == "initial"

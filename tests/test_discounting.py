@@ -6,6 +6,7 @@ import pytest
 
 from lessons import ema as E
 from widgets import discounting as D
+from widgets.figure import Trace
 
 pytestmark = pytest.mark.usefixtures("private_run_log")
 
@@ -80,3 +81,54 @@ def test_adam_choice_trains_with_adam_betas():
     assert cfg.optimizer == "adam" and cfg.betas == (0.8, 0.999)
     run = live.run_blocking(optimizer="adam", beta1=0.8, timeout=120)
     assert run.status == "done"
+
+
+@pytest.mark.parametrize("beta", [0.9, 0.99])
+def test_cumulative_line_reads_the_readouts_weight_at_the_window(beta):
+    """The line at k is the weight of the k newest values, as the readout's 1 - beta^window."""
+    ex = D.EMAExplorer(beta=beta, renderer="plotly")
+    cum = {t.meta: t for t in ex.weights_fig.fig.data}["cumulative"]
+    window = round(E.effective_window(beta))
+    at_window = cum.y[list(cum.x).index(window)]
+    assert at_window == pytest.approx(1 - beta**window)
+    assert f"1 - beta^window = <b>{at_window:.3f}</b>" in ex.readout.value
+    assert cum.y[0] == 0.0  # no value yet, no weight
+
+
+def _lag_marks(smoothing: float):
+    """lag_marks for a finished run of 100 steps of batch 64 at this smoothing beta."""
+    from types import SimpleNamespace
+
+    records = [
+        SimpleNamespace(kind="train", samples=64 * (i + 1), batch=64, step=i + 1)
+        for i in range(100)
+    ]
+    live = SimpleNamespace(
+        view=lambda: {"smoothing": smoothing}, runs=[SimpleNamespace(records=records)]
+    )
+    return D.lag_marks(live)
+
+
+@pytest.mark.parametrize("smoothing", [0.8, 0.9, 0.95])
+def test_half_life_and_mean_lag_labels_do_not_overlap(smoothing):
+    from widgets.mpl_figure import MatplotlibFigure
+    from widgets.plotly_figure import PlotlyFigure
+
+    marks = _lag_marks(smoothing)
+    assert [m.label.split()[0] for m in marks] == ["half-life", "mean"]
+    trace = Trace("loss", [64 * (i + 1) for i in range(100)], [2.0 - i / 100 for i in range(100)])
+    # plotly: two rows further apart than a label is high, each label left of its line
+    plotly = PlotlyFigure(xlabel="samples", ylabel="loss")
+    plotly.draw([trace], "title", marks)
+    first, second = plotly.fig.layout.annotations
+    assert abs(second.yshift - first.yshift) >= 1.3 * first.font.size
+    assert first.xanchor == second.xanchor == "right"
+    # matplotlib: the drawn labels' boxes are apart, and neither crosses its line
+    mpl = MatplotlibFigure(xlabel="samples", ylabel="loss")
+    mpl.draw([trace], "title", marks)
+    renderer = mpl.fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in mpl.ax.texts]
+    assert not boxes[0].overlaps(boxes[1])
+    for box, m in zip(boxes, marks):
+        line_x = mpl.ax.transData.transform((m.x, 0))[0]
+        assert box.x1 <= line_x + 1

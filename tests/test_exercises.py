@@ -1,5 +1,7 @@
 """widgets.exercises: a numeric answer is judged without the expected value being shown."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -72,3 +74,20 @@ def test_an_exercise_without_a_usable_expected_value_fails_when_written(expected
 def test_the_tolerance_must_be_a_fraction():
     with pytest.raises(ValueError, match="rel"):
         answer_checker(1.0, rel=5)
+
+
+def test_notebook_01_checks_every_numeric_exercise_against_its_solution(capsys):
+    """Each exercise of notebook 01 has a checker, and the solutions' numbers are right."""
+    import nbformat
+
+    from lessons import ema as E
+
+    path = Path(__file__).parent.parent / "notebooks" / "01_discounting_half_life_ema.ipynb"
+    cells = [c.source for c in nbformat.read(path, 4).cells if c.cell_type == "code"]
+    cell = next(c for c in cells if "answer_checker(" in c)
+    scope = {"E": E, "np": np}
+    exec(cell, scope)
+    solutions = {"check1": 0.98144, "check2": 0.98412, "check3": 4603, "check4": 69}
+    for name, answer in solutions.items():
+        assert scope[name](answer), name
+    assert not scope["check1"](0.98) and not scope["check2"](0.984 * 1.001)

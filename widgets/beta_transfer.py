@@ -12,7 +12,7 @@ from lessons.config import TrainConfig
 from lessons.ema import half_life
 from lessons.profiles import get_profile
 from widgets.controls import STYLE, log_slider
-from widgets.discounting import beta_slider
+from widgets.discounting import MAX_POINTS, beta_slider
 from widgets.figure import Mark, Trace, make_figure
 from widgets.live import LiveRun
 
@@ -52,22 +52,24 @@ class PerSampleWeights:
     def draw(self) -> None:
         beta, b = float(self.beta.value), int(self.batch.value)
         per_sample = S.scale_beta(beta, b, 1)
-        n = int(min(4000, max(40, np.ceil(4 * b / (1 - beta)))))
-        j = list(range(n))
         h = half_life(per_sample)
+        # four windows of samples, past the half-life marked; at most MAX_POINTS drawn
+        n = int(max(40, np.ceil(4 * b / (1 - beta))))
+        j = np.unique(np.linspace(0, n - 1, min(n, MAX_POINTS)).astype(int))
+        batched = S.per_sample_weights(beta, b, b)[0] * beta ** (j // b)
         self.figure.draw(
             [
                 Trace(
                     "batched",
-                    j,
-                    S.per_sample_weights(beta, b, n).tolist(),
+                    j.tolist(),
+                    batched.tolist(),
                     name=f"beta = {beta:g} per step of batch {b}",
                     color="#1f77b4",
                 ),
                 Trace(
                     "per-sample",
-                    j,
-                    S.per_sample_weights(per_sample, 1, n).tolist(),
+                    j.tolist(),
+                    (S.per_sample_weights(per_sample, 1, 1)[0] * per_sample**j).tolist(),
                     name=f"beta^(1/b) = {per_sample:.5g} per sample",
                     color="#d62728",
                     dash="dash",

@@ -54,5 +54,13 @@ def x_axis_toggle(
     xlabels = {"samples": xlabel, **{v: k for k, v in options}}
     if not options:
         return None, xlabels
-    toggle = W.ToggleButtons(options=options, value=options[0][1], description="x axis")
+    # its own width, never shrunk: in a wrapping row of controls the label and its buttons
+    # move to the next line together instead of the buttons wrapping under the label
+    toggle = W.ToggleButtons(
+        options=options,
+        value=options[0][1],
+        description="x axis",
+        style=STYLE,
+        layout=W.Layout(flex="0 0 auto", width="max-content"),
+    )
     return toggle, xlabels

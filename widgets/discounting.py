@@ -85,9 +85,12 @@ class EMAExplorer:
         k = np.arange(n)
         if n > MAX_POINTS:  # keep the browser fast: an even subsample of the smooth curve
             keep = np.unique(np.linspace(0, n - 1, MAX_POINTS).astype(int))
-            k, w_shown, cum = k[keep], w[keep], np.cumsum(w)[keep]
+            k, w_shown = k[keep], w[keep]
         else:
-            w_shown, cum = w, np.cumsum(w)
+            w_shown = w
+        # at k: the weight of the k newest values (0 to k-1 steps back), so that at the
+        # window the line reads the readout's 1 - beta^window
+        cum = 1 - b**k
         kind = "bar" if n <= 200 else "line"
         self.weights_fig.draw(
             [
@@ -104,7 +107,7 @@ class EMAExplorer:
                     "cumulative",
                     k.tolist(),
                     cum.tolist(),
-                    name="cumulative weight (1 - beta^k)",
+                    name="weight of the k newest values, 1 - beta^k",
                     axis="y2",
                     color="#d62728",
                 ),
@@ -119,8 +122,8 @@ class EMAExplorer:
         self.readout.value = (
             f"beta = {b:g}: half-life ln(1/2)/ln(beta) = <b>{h:.4g}</b> steps "
             f"(approximation 0.693/(1-beta) = {math.log(2) / (1 - b):.4g}); "
-            f"effective window 1/(1-beta) = <b>{win:.4g}</b> steps; weight inside the "
-            f"window 1 - beta^window = {1 - b**win:.3f}"
+            f"effective window 1/(1-beta) = <b>{win:.4g}</b> steps; weight of the values "
+            f"inside the window 1 - beta^window = <b>{1 - b**win:.3f}</b>"
         )
         self.draw_bias()
 
@@ -186,9 +189,16 @@ def lag_marks(live: LiveRun) -> list[Mark]:
     end, batch = pts[-1].samples, pts[-1].batch
     h = E.half_life(beta)
     mean_lag = beta / (1 - beta)
+    # labels to the left of their lines (the past), in two rows: close lags stay legible
     marks = [
-        Mark(end - h * batch, f"half-life {steps_text(h)} steps back", "#2ca02c"),
-        Mark(end - mean_lag * batch, f"mean lag {steps_text(mean_lag)} steps", "#9467bd", "dot"),
+        Mark(end - h * batch, f"half-life {steps_text(h)} steps back", "#2ca02c", side="left"),
+        Mark(
+            end - mean_lag * batch,
+            f"mean lag {steps_text(mean_lag)} steps",
+            "#9467bd",
+            "dot",
+            side="left",
+        ),
     ]
     start = pts[0].samples
     return [m for m in marks if m.x >= start]  # a lag longer than the run is not drawn

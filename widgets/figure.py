@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,6 +59,7 @@ class Mark:
     label: str
     color: str = "#555555"
     dash: str = "dash"
+    side: str = "center"  # where the label sits: "center" over the line, "left" ending at it
 
 
 class Figure(Protocol):
@@ -125,6 +127,32 @@ def legend_rows(names: Sequence[str], scale: float = 1.0, width: float = 640.0) 
             rows, used = rows + 1, 0.0
         used += w
     return rows
+
+
+# a title character's mean width, in units of its font size (sans-serif, mixed case)
+CHAR_WIDTH = 0.55
+
+
+def wrap_title(title: str, width_px: float, font_px: float) -> str:
+    """The title with each of its lines broken at spaces to fit ``width_px`` at ``font_px``:
+    a long title, or a presenter's larger font, wraps instead of running off the right edge."""
+    chars = max(20, int(width_px / (CHAR_WIDTH * font_px)))
+    return "\n".join(
+        "\n".join(textwrap.wrap(line, chars, break_on_hyphens=False) or [""])
+        for line in title.split("\n")
+    )
+
+
+LOG_SUBS = {"digits": tuple(range(1, 10)), "1-2-5": (1, 2, 5), "decades": (1,)}
+
+
+def log_ticks(values: Sequence) -> str:
+    """Which values a log axis labels, by the decades its positive values span: every digit
+    x 10^n within one decade, 1-2-5 x 10^n within three, powers of ten beyond (a key of
+    LOG_SUBS). The renderers label each with its full value: 20, 30, 600, not 2, 3, 6."""
+    vals = [v for v in values if v is not None and math.isfinite(v) and v > 0]
+    decades = math.log10(max(vals) / min(vals)) if vals else 1.0
+    return "digits" if decades < 1 else "1-2-5" if decades <= 3 else "decades"
 
 
 def _on_colab() -> bool:

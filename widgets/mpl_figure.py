@@ -10,7 +10,7 @@ from pathlib import Path
 import ipywidgets as W
 
 from lessons import data as data_mod
-from widgets.figure import Mark, Trace, legend_rows
+from widgets.figure import LOG_SUBS, Mark, Trace, legend_rows, log_ticks, wrap_title
 
 DASHES = {"solid": "-", "dash": "--", "dot": ":"}
 
@@ -63,10 +63,16 @@ class MatplotlibFigure:
             self.ax2.clear()
         self._plot(traces)
         self._draw_marks(marks, fs)
-        self._label_axes(bool(traces), fs)
+        self._label_axes(traces, fs)
         if self.yrange is not None:
             self.ax.set_ylim(*self.yrange)
-        self.ax.set_title(title, fontsize=fs + 1, pad=(26 if marks else 6) * self.scale)
+        # the axes take about 85% of the figure's width; points are 1/72 inch
+        width = 0.85 * self.fig.get_figwidth() * self.fig.dpi
+        self.ax.set_title(
+            wrap_title(title, width, (fs + 1) * self.fig.dpi / 72),
+            fontsize=fs + 1,
+            pad=(3.2 * fs if marks else 6 * self.scale),
+        )
         self._title = title
         self.ax.grid(alpha=0.3)
         rows = self._legend(any(t.showlegend for t in traces), fs)
@@ -104,24 +110,27 @@ class MatplotlibFigure:
             self.ax.axvline(m.x, color=m.color, linestyle=DASHES.get(m.dash, "--"), lw=1)
             self.ax.annotate(
                 m.label,
-                (m.x, 1.0 + 0.05 * (i % 2)),
+                (m.x, 1.0),
                 xycoords=("data", "axes fraction"),
+                xytext=(0, 1.5 * (fs - 1) * (i % 2)),  # close marks: alternate rows
+                textcoords="offset points",
                 fontsize=fs - 1,
                 color=m.color,
-                ha="center",
+                ha="right" if m.side == "left" else "center",
                 va="bottom",
             )
         self._marks = [{"x": m.x, "label": m.label} for m in marks]
 
-    def _label_axes(self, any_traces: bool, fs: float) -> None:
+    def _label_axes(self, traces: Sequence[Trace], fs: float) -> None:
         ax, ax2 = self.ax, self.ax2
         ax.set_xlabel(self.labels[0], fontsize=fs)
         ax.set_ylabel(self.labels[1], fontsize=fs)
         ax.tick_params(labelsize=fs - 1)
-        if self.ylog and any_traces:
-            ax.set_yscale("log")
-        if self.xlog and any_traces:
-            ax.set_xscale("log")
+        if self.ylog and traces:
+            ys = [y for t in traces if t.axis == "y" for y in t.y]
+            _log_axis(ax.yaxis, ax.set_yscale, ys)
+        if self.xlog and traces:
+            _log_axis(ax.xaxis, ax.set_xscale, [x for t in traces for x in t.x])
         if ax2 is not None:
             ax2.yaxis.tick_right()  # clear() moves a twin axis back to the left
             ax2.yaxis.set_label_position("right")
@@ -173,3 +182,15 @@ class MatplotlibFigure:
 
     def title(self) -> str:
         return self._title
+
+
+def _log_axis(axis, set_scale, values: list) -> None:
+    """A log scale whose labelled ticks are figure.log_ticks' values, each in full (20, not
+    2 x 10^1); the other digits' ticks stay, unlabelled."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    set_scale("log")
+    axis.set_major_locator(LogLocator(subs=LOG_SUBS[log_ticks(values)]))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(LogLocator(subs=LOG_SUBS["digits"]))
+    axis.set_minor_formatter(NullFormatter())

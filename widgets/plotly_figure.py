@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lessons import data as data_mod
-from widgets.figure import Mark, Trace, legend_rows
+from widgets.figure import Mark, Trace, legend_rows, log_ticks, wrap_title
 
 
 class PlotlyFigure:
@@ -28,6 +28,9 @@ class PlotlyFigure:
     SUBTITLE_GAP = 17
     MARK_ROW = 20
     LEGEND_ROW = 19  # px a row of the horizontal legend takes (12 px font)
+    WIDTH = 640  # px the figure is taken to have for wrapping its title (it fills the cell)
+    # a log axis' ticks (figure.log_ticks) as plotly's dtick; tickformat labels each in full
+    DTICK = {"digits": "D1", "1-2-5": "D2", "decades": 1}
 
     def __init__(
         self,
@@ -74,6 +77,8 @@ class PlotlyFigure:
                 **(dict(tickmode="linear", tick0=0, dtick=0.2) if y2range == (0, 1) else {}),
             )
         self.widget = self.fig
+        self.log_axes = {"x": xlog, "y": ylog}
+        self._ticks: dict[str, str] = {}  # the log_ticks each log axis was last given
         self.height = height  # with a legend of one row; each further row adds LEGEND_ROW
         self._sent: dict[str, tuple] = {}
         self._marks: tuple = ()
@@ -124,6 +129,7 @@ class PlotlyFigure:
         marks = tuple(marks)
         with self.fig.batch_update():
             self._sync_traces(traces)
+            self._set_log_ticks(traces)
             if marks != self._marks:
                 self._draw_marks(marks)
             if title != self._title or marks != self._laid_out:
@@ -160,6 +166,19 @@ class PlotlyFigure:
                 trace.name = spec.name
             if spec.kind != "bar" and trace.line.width != spec.width:
                 trace.line.width = spec.width
+
+    def _set_log_ticks(self, traces: Sequence[Trace]) -> None:
+        """Each log axis labels the ticks log_ticks picks for the drawn values, in full."""
+        for axis, log in self.log_axes.items():
+            if not log:
+                continue
+            values = [v for t in traces if axis == "x" or t.axis == "y" for v in getattr(t, axis)]
+            ticks = log_ticks(values)
+            if self._ticks.get(axis) != ticks:
+                update = self.fig.update_xaxes if axis == "x" else self.fig.update_yaxes
+                kwargs = {} if axis == "x" else {"secondary_y": False}
+                update(dtick=self.DTICK[ticks], tickformat="~g", **kwargs)
+                self._ticks[axis] = ticks
 
     def _add_trace(self, spec: Trace, xs: list, ys: list) -> None:
         common = dict(
@@ -203,7 +222,8 @@ class PlotlyFigure:
                 text=m.label,
                 showarrow=False,
                 yanchor="bottom",
-                yshift=14 * self.scale * (i % 2),  # close marks stay legible
+                xanchor="right" if m.side == "left" else "center",
+                yshift=self.MARK_ROW * self.scale * (i % 2),  # close marks: alternate rows
                 font=dict(color=m.color, size=round(11 * self.scale)),
             )
             for i, m in enumerate(marks)
@@ -214,11 +234,13 @@ class PlotlyFigure:
         """The title's first line as plotly's title, the rest as its subtitle (plotly anchors
         a title's first line, so a second line would rise above the figure), and a top margin
         with room for both and the mark labels."""
-        first, *rest = title.split("\n")
+        width = (self.fig.layout.width or self.WIDTH) - 40
+        first, *rest = wrap_title(title, width, 16 * self.scale).split("\n", 1)
+        rest = wrap_title(rest[0], width, 12 * self.scale).split("\n") if rest else []
         layout = self.fig.layout
         layout.title.text = first
         layout.title.subtitle.text = "<br>".join(map(html.escape, rest))
-        layout.margin.t = self.top_margin(bool(rest), len(marks))
+        layout.margin.t = self.top_margin(len(rest), len(marks))
         self._title, self._laid_out = title, marks
 
     def traces(self) -> list[dict]:
@@ -240,10 +262,10 @@ class PlotlyFigure:
     def title(self) -> str:
         return self._title
 
-    def top_margin(self, subtitle: bool, marks: int) -> int:
-        """Pixels above the plot for the title, its subtitle and ``marks`` labels' rows."""
+    def top_margin(self, subtitle: int, marks: int) -> int:
+        """Pixels above the plot for the title, ``subtitle`` lines and ``marks`` labels' rows."""
         s = self.scale
-        title = 1.2 * 16 * s + ((self.SUBTITLE_GAP + 1.2 * 12) * s if subtitle else 0)
+        title = 1.2 * 16 * s + ((self.SUBTITLE_GAP + 1.2 * 12 * subtitle) * s if subtitle else 0)
         rows = min(marks, 2)
         return max(self.TOP, round(self.TITLE_PAD + title + 6 * s + self.MARK_ROW * s * rows))
 

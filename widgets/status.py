@@ -148,13 +148,15 @@ def stopped(runs: list[RunRecord], what: str, total: int) -> tuple[str, str]:
 def core_share_note(others: float | None, cores: int, threads: int) -> str:
     """What to say when other programs held cores that the run's torch threads needed: a
     team of two or more threads, more threads than the cores others left free, and most of a
-    core taken. Below that it stays quiet: a browser's redraws take some of a core, and one
-    thread instead of two would gain little (BENCHMARKS.md)."""
+    core taken. Below that it stays quiet: one thread instead of two would gain little
+    (BENCHMARKS.md). ``others`` leaves out the browser and Jupyter (widgets.cores): the note
+    names only what the student could close."""
     if others is None or threads < 2 or others < 0.75 or threads + others <= cores + 0.25:
         return ""
     free = max(1, int(cores - others + 0.25))
     return (
-        f" Other programs kept {others:.1f} of the {cores} CPU cores busy during this run, "
+        f" Other programs (not counting your browser and Jupyter) kept {others:.1f} of the "
+        f"{cores} CPU cores busy during this run, "
         f"and torch's {threads} threads wait for each other when one loses its core: that "
         f"can make training several times slower. Close them, or start Jupyter with "
         f"OMP_NUM_THREADS={free} (e.g. OMP_NUM_THREADS={free} make lab)."
