@@ -86,7 +86,6 @@ def test_a_request_trains_each_run_from_two_seeds_drawn_faint_in_its_colour():
         assert [m.loss for m in seed_run.records if m.kind == "train"] != [
             m.loss for m in lead.records if m.kind == "train"
         ]
-        assert lead.display_label.endswith("(2 seeds)")
         assert S.spread(lead, "val_loss") > 0
     traces = {t.uid: t for t in live.scene()[0]}
     for lead in group.values():
@@ -94,6 +93,7 @@ def test_a_request_trains_each_run_from_two_seeds_drawn_faint_in_its_colour():
         theirs = traces[f"{lead.seed_runs[0].id}:loss"]
         assert theirs.color == mine.color and theirs.opacity < mine.opacity
         assert mine.showlegend and not theirs.showlegend
+        assert mine.name == f"{lead.label} (2 seeds)"
         assert f"{lead.seed_runs[0].id}:loss_raw" not in traces  # no raw noise for seed runs
     assert len({traces[f"{r.id}:loss"].color for r in group.values()}) == 2
     assert "low:" in live.status_text and "seed" not in live.status_text

@@ -37,14 +37,10 @@ class RunRecord:
 
     @property
     def display_label(self) -> str:
-        """The legend text: settings, how many seeds, and for a run from the log where it
-        ran."""
-        label = self.label
-        if self.seed_runs:
-            label += f" ({1 + len(self.seed_runs)} seeds)"
+        """The legend text: settings, and for a run from the log where it ran."""
         if not self.replayed:
-            return label
-        return f"{label} (saved, {self.meta.get('device', '?')})"
+            return self.label
+        return f"{self.label} (saved, {self.meta.get('device', '?')})"
 
     def series(self, x: str = "samples") -> dict[str, tuple[list, list]]:
         """Train loss, val loss and val accuracy against ``x``: "samples" or "step"."""

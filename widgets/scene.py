@@ -94,6 +94,7 @@ def run_traces(
         active = run.group == newest and not run.replayed
         data = run.series(view.get("x", "samples"))  # samples, step or epoch
         seed_run = run.lead is not None
+        name = run.display_label + (f" ({1 + len(run.seed_runs)} seeds)" if run.seed_runs else "")
         for s in series:
             if seed_run and s.opacity < 1:
                 continue  # a seed run: its main curves only, faint, without a legend entry
@@ -105,7 +106,7 @@ def run_traces(
                     uid=f"{run.id}:{s.key}",
                     x=xs,
                     y=ys,
-                    name=run.display_label if first else f"{run.display_label} {s.label}",
+                    name=name if first else f"{name} {s.label}",
                     mode=s.mode,
                     dash=s.dash,
                     color=run.color,
