@@ -58,9 +58,12 @@ def test_lamb_against_adamw_trains_both_and_draws_trust_ratios():
     assert all(shown[f"{r.id}:loss"]["opacity"] == 1.0 for r in runs.values())
     panel = live.panel_figure.traces()
     names = runs["LAMB"].records[0].extras["trust_names"]
-    assert [t["uid"] for t in panel] == [f"trust:{n}" for n in names]
+    # a line per tensor, then the cap and the points on it (none: the cap of 10 never binds)
+    uids = [f"trust:{n}" for n in names] + ["trust:cap", "trust:at cap"]
+    assert [t["uid"] for t in panel] == uids
     n_train = sum(r.kind == "train" for r in runs["LAMB"].records)
-    assert all(t["points"] == n_train for t in panel)
+    assert all(t["points"] == n_train for t in panel[: len(names)])
+    assert panel[-1]["points"] == 0 and "never bound" in live.summary_html.value
     assert "LAMB" in live.panel_figure.title()
     # a new setting: both runs again, the first pair fades
     again = live.run_blocking(cap="off", timeout=300)
@@ -100,3 +103,36 @@ def test_all_variants_are_configs_of_the_one_optimizer():
     assert set(configs) == {f"LAMB {k}" for k in LAMB_VARIANTS} | {"AdamW"}
     assert all(c.optimizer == "lamb" for k, c in configs.items() if k != "AdamW")
     assert configs["LAMB timm trust_clip"].opt_options == LAMB_VARIANTS["timm trust_clip"]
+
+
+def test_the_panel_and_summary_show_where_the_cap_binds():
+    live = L.lamb_vs_adamw(renderer="matplotlib")
+    runs = live.run_blocking(cap=3.0, timeout=300)
+    bound = L.cap_binding(runs["LAMB"])
+    # the cap of 3 binds on the norm scales (no weight decay), late, and shortens their steps
+    assert bound and all(b["decay"] == 0 and b["first"] > 1 for b in bound), bound
+    assert all(b["moved"] < 1 for b in bound), bound
+    panel = {t["uid"]: t for t in live.panel_figure.traces()}
+    assert "trust:cap" in panel and panel["trust:at cap"]["points"] == sum(
+        b["steps"] for b in bound
+    )
+    assert all("capped" in panel[f"trust:{b['name']}"]["name"] for b in bound)
+    assert "cap of 3 bound on" in live.summary_html.value
+    # uncapped tensors of a LAMB run moved lr x ||w||; AdamW's steps differ between tensors
+    moved = L.relative_steps(runs["AdamW"])
+    assert max(moved.values()) > 10 * min(moved.values())
+    free = [n for n in L.relative_steps(runs["LAMB"]) if n not in {b["name"] for b in bound}]
+    assert all(L.relative_steps(runs["LAMB"])[n] == pytest.approx(1, rel=1e-3) for n in free)
+
+
+def test_identical_runs_of_all_variants_are_named_in_the_summary():
+    """Lesson 3's "all variants": course and no cap (the cap of 10 never binds here) drew one
+    curve, as did the two timm rows; the legend showed 5 names of 7 without saying why."""
+    live = L.lamb_vs_adamw(renderer="matplotlib")
+    runs = live.run_blocking(variant="all variants", timeout=300)
+    groups = [{r.name for r in g} for g in L.identical_runs(runs.values())]
+    assert {"LAMB course", "LAMB no cap"} in groups
+    assert {"LAMB timm / NVIDIA", "LAMB timm trust_clip"} in groups
+    assert not any("AdamW" in g for g in groups)
+    text = live.summary_html.value
+    assert "LAMB course = LAMB no cap</b>: identical" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 
 import ipywidgets as W
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -17,11 +18,18 @@ from lessons.optim import LAMB_VARIANTS, Lamb, param_groups
 from lessons.profiles import get_profile
 from widgets.controls import STYLE, log_slider
 from widgets.figure import COLORS, Trace
+from widgets.lamb_steps import (
+    StepSizes,
+    cap_binding,
+    identical_runs,
+    relative_steps,
+    trust_series,
+)
 from widgets.live import LiveRun
 
 # "off" is a string, not None: ipywidgets reads a selection's value None as "nothing
 # selected", so choosing an option whose value is None blanked the dropdown (index None)
-CAPS = (("off", "off"), ("1", 1.0), ("10", 10.0), ("100", 100.0))
+CAPS = (("off", "off"), ("1", 1.0), ("3", 3.0), ("10", 10.0), ("100", 100.0))
 
 
 def trust_clip(cap) -> float | None:
@@ -134,32 +142,97 @@ class StepInspector:
 
 
 def trust_panel(live: LiveRun) -> tuple[list[Trace], str]:
-    """Per-tensor trust ratios over training, for the newest run that recorded them."""
+    """Per-tensor trust ratios over training, for the newest run that recorded them; the cap
+    as a black line and the points that sit on it as black dots."""
     run = next(
         (r for r in reversed(live.runs) if any("trust" in m.extras for m in r.records)), None
     )
     if run is None:
-        return [], "Trust ratios per tensor (train a LAMB run)"
-    pts = [m for m in run.records if m.kind == "train" and "trust" in m.extras]
-    names = next(m.extras["trust_names"] for m in run.records if "trust_names" in m.extras)
+        return [], "Trust ratio per tensor (train a LAMB run)"
+    pts, trust, names, cap = trust_series(run)
     xs = [m.samples for m in pts]
+    bound = {b["name"]: b for b in cap_binding(run)}
     traces = []
     for i, name in enumerate(names):
-        ys = [m.extras["trust"][i] for m in pts]
         # conv kernels and the head's matrix solid; biases and norm scales dotted
         kernel = name.endswith(".0.weight") or name == "head.weight"
+        b = bound.get(name)
+        label = f"{name}: capped {b['steps']}/{b['of']} steps from {b['first']}" if b else name
         traces.append(
             Trace(
                 f"trust:{name}",
                 xs,
-                ys,
-                name=name,
+                np.nan_to_num(trust[:, i], nan=1.0).tolist(),
+                name=label,
                 color=COLORS[i % len(COLORS)],
                 dash="solid" if kernel else "dot",
                 width=1.8 if kernel else 1.0,
             )
         )
-    return traces, f"Trust ratio per tensor: {run.label}"
+    if cap is not None and xs:
+        traces.append(
+            Trace(
+                "trust:cap",
+                [xs[0], xs[-1]],
+                [cap, cap],
+                name=f"cap = {cap:g}",
+                color="#000000",
+                dash="dash",
+                width=1.2,
+            )
+        )
+        hit = np.argwhere(trust >= cap * (1 - 1e-4))
+        traces.append(
+            Trace(
+                "trust:at cap",
+                [xs[k] for k, _ in hit],
+                [cap] * len(hit),
+                name="at the cap",
+                mode="markers",
+                color="#000000",
+            )
+        )
+    where = f"cap {cap:g} bound on {len(bound)} of {len(names)} tensors" if cap else "no cap"
+    return traces, f"Trust ratio per tensor ({where})\n{run.label}"
+
+
+def summary(live: LiveRun) -> str:
+    """Under the figure: where the newest LAMB run's cap bound and what it did to those
+    tensors' steps, AdamW's step per tensor, and runs that drew identical curves."""
+    group = live.last_group
+    lines = []
+    for name, run in group.items():
+        if run.name.startswith("LAMB") and any("trust" in m.extras for m in run.records):
+            bound = cap_binding(run)
+            cap = trust_series(run)[3]
+            if cap is None:
+                top = np.nanmax(trust_series(run)[1])
+                lines.append(f"<b>{html.escape(name)}</b>: no cap (largest ratio {top:.3g}).")
+            elif not bound:
+                lines.append(
+                    f"<b>{html.escape(name)}</b>: the cap of {cap:g} never bound: "
+                    "every tensor moved lr x ||w|| a step."
+                )
+            else:
+                where = "; ".join(
+                    f"{html.escape(b['name'])} {b['steps']}/{b['of']} steps from step "
+                    f"{b['first']}, moving {b['moved']:.2f} lr"
+                    for b in bound
+                )
+                lines.append(
+                    f"<b>{html.escape(name)}</b>: the cap of {cap:g} bound on "
+                    f"{where} (uncapped: 1 lr)."
+                )
+        elif run.name == "AdamW" and (rel := relative_steps(run)):
+            lo, hi = min(rel, key=rel.get), max(rel, key=rel.get)
+            lines.append(
+                f"<b>AdamW</b>: a step moved a tensor {rel[lo]:.2g} lr ({lo}) to "
+                f"{rel[hi]:.2g} lr ({hi}) of its norm."
+            )
+    for same in identical_runs(group.values()):
+        names = " = ".join(html.escape(r.name) for r in same)
+        lines.append(f"<b>{names}</b>: identical on this run (one curve drawn over the other).")
+    return "<br>".join(lines)
 
 
 def _lamb_controls(batches: list[int], batch: int) -> dict[str, W.ValueWidget]:
@@ -225,11 +298,17 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         else:
             lambs = {f"LAMB {v['variant']}": dict(LAMB_VARIANTS[v["variant"]])}
         configs = {
-            name: TrainConfig.from_profile(p.name, opt_options=o, callbacks=[TrustRatios()], **lamb)
+            name: TrainConfig.from_profile(
+                p.name, opt_options=o, callbacks=[TrustRatios(), StepSizes()], **lamb
+            )
             for name, o in lambs.items()
         }
         configs["AdamW"] = TrainConfig.from_profile(
-            p.name, optimizer="adamw", lr=float(v["adamw_lr"]), **base
+            p.name,
+            optimizer="adamw",
+            lr=float(v["adamw_lr"]),
+            callbacks=[TrustRatios(), StepSizes()],
+            **base,
         )
         return configs
 
@@ -250,6 +329,7 @@ def lamb_vs_adamw(profile: str | None = None, **kwargs) -> LiveRun:
         run_label=run_label,
         color_roles=lambda name: name,  # LAMB (or a variant) and AdamW keep their colours
         panel=trust_panel,
+        summary=summary,
         panel_axes=dict(xlabel="samples seen", ylabel="trust ratio", ylog=True, height=360),
         title=f"LAMB against AdamW ({p.name} profile)",
         **kwargs,
