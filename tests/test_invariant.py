@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lessons import scaling as S
-from lessons.config import TrainConfig
+from lessons.config import TrainConfig, epoch_train_loss
 from lessons.optim import InvariantAdamW
 from lessons.train import run
 from tests.conftest import ops_per_step
@@ -234,7 +234,14 @@ def test_sweep_widget_trains_both_families_and_measures_spread(tmp_path):
     assert cfg[f"{MB.ADAM} B=64"].lr == pytest.approx(np.sqrt(2) * cfg[f"{MB.ADAM} B=32"].lr)
     assert cfg[f"{MB.INVARIANT} B=64"].micro_batch == 32
     found = MB.spreads(live)
-    assert set(found) == {MB.ADAM, MB.INVARIANT} and "spread" in live.summary_html.value.lower()
+    assert set(found) == {MB.ADAM, MB.INVARIANT, MB.SEED_SPREAD}
+    assert "spread" in live.summary_html.value.lower()
+    # the smallest batch's Adam run trains a second seed: the noise the spreads are read against
+    adam_small = runs[f"{MB.ADAM} B=32"]
+    (twin,) = adam_small.seed_runs
+    assert not any(r.seed_runs for r in runs.values() if r is not adam_small)
+    noise = S.sweep_spread([epoch_train_loss(r.records) for r in (adam_small, twin)])
+    assert found[MB.SEED_SPREAD] == pytest.approx(noise) and noise > 0
     main = {t["uid"]: t["points"] for t in live.traces()}
     inv = runs[f"{MB.INVARIANT} B=32"]
     assert main[f"{inv.id}:loss"] == 0  # invariant runs are drawn in the second panel

@@ -22,17 +22,29 @@ ADAM, INVARIANT = "Adam, sqrt rule", "invariant Adam, linear rule"
 MICRO_ADAM = "micro Adam"
 
 
+SEED_SPREAD = "two seeds of one setting"  # spreads()'s entry for the seed noise
+
+
 def spreads(live: LiveRun) -> dict[str, float]:
     """The sweep spread (lessons.scaling.sweep_spread of per-epoch train loss) of each
-    optimizer in the newest request, once all its runs are done."""
+    optimizer in the newest request, once all its runs are done; and as SEED_SPREAD the same
+    measure between two seeds of one setting (the sweep's seeded run): what noise alone
+    gives."""
     out = {}
     for family in (ADAM, INVARIANT):
         runs = [r for r in live.last_group.values() if r.name.startswith(family)]
         if len(runs) >= 2 and all(r.status == "done" for r in runs):
-            curves = [epoch_train_loss(r.records) for r in runs]
-            width = min(map(len, curves))
-            out[family] = S.sweep_spread([c[:width] for c in curves])
+            out[family] = _sweep_spread(runs)
+    seeded = next((r for r in live.last_group.values() if r.seed_runs), None)
+    if seeded is not None and all(r.status == "done" for r in (seeded, *seeded.seed_runs)):
+        out[SEED_SPREAD] = _sweep_spread([seeded, *seeded.seed_runs])
     return out
+
+
+def _sweep_spread(runs) -> float:
+    curves = [epoch_train_loss(r.records) for r in runs]
+    width = min(map(len, curves))
+    return S.sweep_spread([c[:width] for c in curves])
 
 
 def summary(live: LiveRun) -> str:
@@ -42,7 +54,8 @@ def summary(live: LiveRun) -> str:
     rows = "".join(f"<li>{html.escape(k)}: <b>{v:.3f}</b></li>" for k, v in found.items())
     return (
         "Spread across batch sizes (largest minus smallest per-epoch train loss, averaged "
-        f"over the second half):<ul>{rows}</ul>"
+        f"over the second half), and the same between two seeds of the smallest batch's Adam "
+        f"run: a sweep spread near it is noise, not the batch size.<ul>{rows}</ul>"
     )
 
 
@@ -124,6 +137,8 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
     sizes = [b for b in SIZES if b <= n_train // 4]
     controls = _sweep_controls(sizes)
 
+    seeded = {}  # the run that trains a second seed: Adam at the smallest batch
+
     def make_config(v: dict) -> dict[str, TrainConfig]:
         lo, hi = v["sizes"]
         batches = [b for b in sizes if lo <= b <= hi]
@@ -138,6 +153,7 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
         base = dict(lr=float(v["lr"]), betas=(0.9, 0.999), eps=1e-8)
         common = dict(epochs=epochs, weight_decay=0.0, norm=v["norm"])
         configs = {}
+        seeded["name"] = f"{ADAM} B={batches[0]}"
         for b in batches:
             hp = S.transfer(base, lo, b, "adam-sqrt")
             configs[f"{ADAM} B={b}"] = TrainConfig.from_profile(
@@ -184,5 +200,6 @@ def sweep_live(profile: str | None = None, **kwargs) -> LiveRun:
         title=f"{ADAM} (lr proportional to sqrt B) - {p.name} profile",
         y2label=None,
         max_history=1,
+        seeds=lambda name: 2 if name == seeded.get("name") else 1,
         **kwargs,
     )
