@@ -27,8 +27,12 @@ def test_four_curves_gaps_and_the_x_toggle():
     base, naive, lr_only, moved = runs.values()
     # the legend says which batch each run used, and the baseline's does not read "batch=32"
     assert base.label == "baseline (B=256): lamb, lr=0.02, betas=(0.9, 0.99)"
-    shown = {t["uid"]: t["name"] for t in live.traces()}
-    assert shown[f"{base.id}:loss"] == base.label and "batch=32" not in base.label
+    assert "batch=32" not in base.label
+    # the legend line says what differs, the hover text the whole label, the title the rest
+    shown = {t.meta: t for t in live.figure.fig.data}[f"{base.id}:loss"]
+    assert shown.name == "baseline (B=256): lr=0.02, betas=(0.9, 0.99)"
+    assert shown.hovertemplate.startswith(base.label)
+    assert "all runs: lamb" in live.figure.title().split("\n")
     cfg = live.make_config(live.values())
     assert cfg["lamb (b=32)"].lr == pytest.approx(0.02 / 8)
     assert cfg["lamb (b=32)"].betas == pytest.approx((0.9**0.125, 0.99**0.125))
@@ -67,8 +71,10 @@ def test_each_run_is_labelled_with_what_it_trained_with(tmp_path):
         assert "rule" not in run.label and "sgd-linear" not in run.label, run.label
     assert naive.label == "naive (b=32): lamb, lr=0.02, betas=(0.9, 0.99)"
     assert moved.label == f"sgd-linear (b=32): lamb, lr={0.02 / 8:.3g}, betas=(0.9, 0.99)"
-    names = {t["name"] for t in live.traces()}
-    assert {base.label, naive.label, moved.label} <= names
+    names = {t["uid"]: t["name"] for t in live.traces()}
+    assert names[f"{base.id}:loss"] == "baseline (B=256): lr=0.02"
+    assert names[f"{moved.id}:loss"] == f"sgd-linear (b=32): lr={0.02 / 8:.3g}"
+    assert "all runs: lamb, betas=(0.9, 0.99)" in live.figure.title().split("\n")
     rows = list(csv.DictReader(live.export(tmp_path, stem="runs")["csv"].open()))
     labels = {r["run"]: r["label"] for r in rows}
     assert labels[str(base.id)] == base.label and labels[str(naive.id)] == naive.label

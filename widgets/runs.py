@@ -1,4 +1,4 @@
-"""Run records: what one run trained with and recorded, its legend label, the JSON-lines run
+"""Run records: what one run trained with and recorded, its label, the JSON-lines run
 log that keeps runs across kernel restarts (and carries GPU runs to a CPU classroom), and the
 CSV export."""
 
@@ -37,8 +37,8 @@ class RunRecord:
 
     @property
     def display_label(self) -> str:
-        """The legend text: settings, how many seeds, and for a run from the log where it
-        ran."""
+        """The whole label: settings, how many seeds, and for a run from the log where it
+        ran (the hover text and the CSV; the legend says what differs, widgets.legend)."""
         label = self.label
         if self.seed_runs:
             label += f" ({1 + len(self.seed_runs)} seeds)"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from lessons.config import epoch_train_loss
 from lessons.ema import ema_over_samples
 from widgets.figure import Trace
+from widgets.legend import EARLIER, Legend, plan
 from widgets.runs import RunRecord
 
 FADED = 0.3  # the opacity of earlier requests' runs, relative to the newest
@@ -83,10 +84,17 @@ EPOCH_SERIES = (
 
 
 def run_traces(
-    runs: Sequence[RunRecord], series: Sequence[Series], view: dict, line_width: float = 1.0
+    runs: Sequence[RunRecord],
+    series: Sequence[Series],
+    view: dict,
+    line_width: float = 1.0,
+    legend: Legend | None = None,
 ) -> list[Trace]:
-    """A trace per run and series; ``view["x"]`` picks the x axis (samples by default)."""
-    traces = []
+    """A trace per run and series; ``view["x"]`` picks the x axis (samples by default).
+    ``legend`` (widgets.legend.plan of ``runs`` by default) names each run in the legend and
+    orders and folds its entries; the hover text keeps each run's whole label."""
+    legend = legend or plan(runs)
+    traces, earlier = [], 0  # earlier: the folded runs drawn
     # the legend names a run once, on its most prominent curve
     lead = next((s for s in series if s.opacity >= 1), series[0])
     newest = max((r.group for r in runs if not r.replayed), default=None)
@@ -94,26 +102,53 @@ def run_traces(
         active = run.group == newest and not run.replayed
         data = run.series(view.get("x", "samples"))  # samples, step or epoch
         seed_run = run.lead is not None
+        name = legend.short.get((run.lead or run).id, run.display_label)
+        folded = run.id in legend.folded
         for s in series:
             if seed_run and s.opacity < 1:
                 continue  # a seed run: its main curves only, faint, without a legend entry
             xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
             first = s is lead and not seed_run
+            earlier += first and folded and bool(xs)
             faint = (SEED_RUN if seed_run else 1.0) * (1.0 if active else FADED)
             traces.append(
                 Trace(
                     uid=f"{run.id}:{s.key}",
                     x=xs,
                     y=ys,
-                    name=run.display_label if first else f"{run.display_label} {s.label}",
+                    name=name if first else f"{name} {s.label}",
                     mode=s.mode,
                     dash=s.dash,
                     color=run.color,
                     opacity=s.opacity * faint,
                     width=s.width * (2.5 if active and not seed_run else 1.5) * line_width,
                     axis=s.axis,
-                    showlegend=first and bool(xs),  # no entry for a curve not drawn
-                    group=str((run.lead or run).id),  # a seed run toggles with its lead
+                    # no entry for a curve not drawn, nor for a folded run
+                    showlegend=first and bool(xs) and not folded,
+                    # a seed run toggles with its lead, a folded run with the other folded ones
+                    group=EARLIER if folded else str((run.lead or run).id),
+                    rank=legend.rank.get(run.id),
+                    hover=run.display_label + ("" if first else f" {s.label}"),
                 )
             )
-    return traces
+    return traces + earlier_entry(earlier, legend, line_width)
+
+
+def earlier_entry(n: int, legend: Legend, line_width: float) -> list[Trace]:
+    """One legend entry, "earlier runs (N)", for the ``n`` folded runs drawn: their curves
+    stay, faded, and toggle together (a grey sample line, no points of its own)."""
+    if not n:
+        return []
+    return [
+        Trace(
+            uid=EARLIER,
+            x=[None],
+            y=[None],
+            name=f"{EARLIER} ({n})",
+            color="#999999",
+            opacity=FADED * 2,
+            width=1.5 * line_width,
+            group=EARLIER,
+            rank=max(legend.rank.values()) + 1,
+        )
+    ]
