@@ -81,24 +81,32 @@ def short_label(run: RunRecord, common: Sequence[str], newest: bool) -> str:
 
 def plan(runs: Sequence[RunRecord]) -> Legend:
     """The legend of these runs (oldest first, as RunHistory keeps them): shared settings,
-    short labels, each run's rank by its request's recency, and the folded runs. A seed run
-    has no entry of its own (widgets.seeds)."""
+    short labels and each run's rank by its request's recency (0: the newest). A seed run has
+    no entry of its own (widgets.seeds)."""
     leads = [r for r in runs if r.lead is None]
     common = shared_settings(leads)
     newest = max((r.group for r in leads if not r.replayed), default=None)
     # the requests newest first; RunHistory appends runs as they start
     groups = list(dict.fromkeys(r.group for r in reversed(leads)))
     rank = {g: i for i, g in enumerate(groups)}
-    shown, entries = set(), 0
-    for g in groups:
-        n = sum(r.group == g for r in leads)
-        if shown and (len(shown) >= SHOWN_REQUESTS or entries + n > SHOWN_ENTRIES):
-            break
-        shown.add(g)
-        entries += n
     return Legend(
         common=", ".join(common),
         short={r.id: short_label(r, common, r.group == newest and not r.replayed) for r in leads},
         rank={r.id: rank[(r.lead or r).group] for r in runs},
-        folded={r.id for r in runs if (r.lead or r).group not in shown},
     )
+
+
+def fold(legend: Legend, runs: Sequence[RunRecord], entries: set[int]) -> None:
+    """Fold the older requests' runs into one entry: the newest request keeps its entries
+    (the runs in ``entries``, those drawn), the ones before it while there are at most
+    SHOWN_REQUESTS of them and SHOWN_ENTRIES entries in all."""
+    per_rank: dict[int, int] = {}
+    for r in runs:
+        per_rank[legend.rank[r.id]] = per_rank.get(legend.rank[r.id], 0) + (r.id in entries)
+    shown, total = set(), 0
+    for k in sorted(per_rank):
+        if shown and (len(shown) >= SHOWN_REQUESTS or total + per_rank[k] > SHOWN_ENTRIES):
+            break
+        shown.add(k)
+        total += per_rank[k]
+    legend.folded = {r.id for r in runs if legend.rank[r.id] not in shown}

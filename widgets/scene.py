@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from lessons.config import epoch_train_loss
 from lessons.ema import ema_over_samples
 from widgets.figure import Trace
-from widgets.legend import EARLIER, Legend, plan
+from widgets.legend import EARLIER, Legend, fold, plan
 from widgets.runs import RunRecord
 
 FADED = 0.3  # the opacity of earlier requests' runs, relative to the newest
@@ -92,9 +92,10 @@ def run_traces(
 ) -> list[Trace]:
     """A trace per run and series; ``view["x"]`` picks the x axis (samples by default).
     ``legend`` (widgets.legend.plan of ``runs`` by default) names each run in the legend and
-    orders and folds its entries; the hover text keeps each run's whole label."""
+    orders its entries; the older requests' runs fold into one entry (widgets.legend.fold);
+    the hover text keeps each run's whole label."""
     legend = legend or plan(runs)
-    traces, earlier = [], 0  # earlier: the folded runs drawn
+    traces, owners, entries = [], [], set()  # each trace's run id; the runs with an entry
     # the legend names a run once, on its most prominent curve
     lead = next((s for s in series if s.opacity >= 1), series[0])
     newest = max((r.group for r in runs if not r.replayed), default=None)
@@ -103,13 +104,11 @@ def run_traces(
         data = run.series(view.get("x", "samples"))  # samples, step or epoch
         seed_run = run.lead is not None
         name = legend.short.get((run.lead or run).id, run.display_label)
-        folded = run.id in legend.folded
         for s in series:
             if seed_run and s.opacity < 1:
                 continue  # a seed run: its main curves only, faint, without a legend entry
             xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
             first = s is lead and not seed_run
-            earlier += first and folded and bool(xs)
             faint = (SEED_RUN if seed_run else 1.0) * (1.0 if active else FADED)
             traces.append(
                 Trace(
@@ -123,15 +122,20 @@ def run_traces(
                     opacity=s.opacity * faint,
                     width=s.width * (2.5 if active and not seed_run else 1.5) * line_width,
                     axis=s.axis,
-                    # no entry for a curve not drawn, nor for a folded run
-                    showlegend=first and bool(xs) and not folded,
-                    # a seed run toggles with its lead, a folded run with the other folded ones
-                    group=EARLIER if folded else str((run.lead or run).id),
+                    showlegend=first and bool(xs),  # no entry for a curve not drawn
+                    group=str((run.lead or run).id),  # a seed run toggles with its lead
                     rank=legend.rank.get(run.id),
                     hover=run.display_label + ("" if first else f" {s.label}"),
                 )
             )
-    return traces + earlier_entry(earlier, legend, line_width)
+            owners.append(run.id)
+            if traces[-1].showlegend:
+                entries.add(run.id)
+    fold(legend, runs, entries)
+    for t, owner in zip(traces, owners):
+        if owner in legend.folded:
+            t.showlegend, t.group = False, EARLIER  # drawn, toggled with the EARLIER entry
+    return traces + earlier_entry(sum(i in legend.folded for i in entries), legend, line_width)
 
 
 def earlier_entry(n: int, legend: Legend, line_width: float) -> list[Trace]:
