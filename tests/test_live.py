@@ -943,3 +943,19 @@ def test_label_parts_keep_bracketed_values_whole():
     assert shared_settings([base, moved]) == ["lamb"]
     alone = RunRecord(3, {}, "lr=0.1, milestones=(2, 4), reference")
     assert label_parts(alone) == ["lr=0.1", "milestones=(2, 4)", "reference"]
+
+
+def test_runs_a_figure_does_not_draw_take_no_room_in_its_legend():
+    """Lesson 5's first panel draws one family of a request's runs: only the drawn runs count
+    towards the entries that fold older requests away."""
+    from widgets.scene import RAW_LOSS, Series, smoothed_loss
+
+    def only_small(run, view):
+        return smoothed_loss(run, view) if run.name == "small" else ([], [])
+
+    series = (RAW_LOSS, Series("loss", "train loss", compute=only_small))
+    live = make_live(renderer="plotly", replay=False, auto_run=False, series=series)
+    names = ("small", "b", "c", "d", "e")
+    fake_requests(live, [0.01, 0.02, 0.03, 0.04], names)
+    entries = legend_entries(live)
+    assert entries == ["small: lr=0.04", "small: lr=0.03", "small: lr=0.02", "earlier runs (1)"]
