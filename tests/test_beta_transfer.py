@@ -27,11 +27,16 @@ def test_four_curves_gaps_and_the_x_toggle():
     base, naive, lr_only, moved = runs.values()
     # the legend says which batch each run used, and the baseline's does not read "batch=32"
     assert base.label == "baseline (B=256): lamb, lr=0.035, betas=(0.9, 0.99)"
-    shown = {t["uid"]: t["name"] for t in live.traces()}
-    assert shown[f"{base.id}:loss"] == f"{base.label} (2 seeds)" and "batch=32" not in base.label
+    assert "batch=32" not in base.label
+    # the legend line says what differs, the hover text the whole label, the title the rest
+    drawn = {t.meta: t for t in live.figure.fig.data}
+    shown = drawn[f"{base.id}:loss"]
+    assert shown.name == "baseline (B=256): lr=0.035, betas=(0.9, 0.99) (2 seeds)"
+    assert shown.hovertemplate.startswith(base.label)
+    assert "all runs: lamb" in live.figure.title().split("\n")
     # the baseline trains from two seeds: its other seed is drawn, and measures the spread
     (other,) = base.seed_runs
-    assert other.settings == base.settings and f"{other.id}:loss" in shown
+    assert other.settings == base.settings and f"{other.id}:loss" in drawn
     assert not any(r.seed_runs for r in (naive, lr_only, moved))
     cfg = live.make_config(live.values())
     assert cfg["lamb (b=32)"].lr == pytest.approx(0.035 / 8)
@@ -75,8 +80,10 @@ def test_each_run_is_labelled_with_what_it_trained_with(tmp_path):
         assert "rule" not in run.label and "sgd-linear" not in run.label, run.label
     assert naive.label == "naive (b=32): lamb, lr=0.035, betas=(0.9, 0.99)"
     assert moved.label == f"sgd-linear (b=32): lamb, lr={0.035 / 8:.3g}, betas=(0.9, 0.99)"
-    names = {t["name"] for t in live.traces()}
-    assert {f"{base.label} (2 seeds)", naive.label, moved.label} <= names
+    names = {t["uid"]: t["name"] for t in live.traces()}
+    assert names[f"{base.id}:loss"] == "baseline (B=256): lr=0.035 (2 seeds)"
+    assert names[f"{moved.id}:loss"] == f"sgd-linear (b=32): lr={0.035 / 8:.3g}"
+    assert "all runs: lamb, betas=(0.9, 0.99)" in live.figure.title().split("\n")
     rows = list(csv.DictReader(live.export(tmp_path, stem="runs")["csv"].open()))
     labels = {r["run"]: r["label"] for r in rows}
     assert labels[str(base.id)] == base.label and labels[str(naive.id)] == naive.label

@@ -855,3 +855,107 @@ def test_the_chance_note_names_each_stuck_run_with_its_own_loss():
     text, level = stayed_at_chance([run("stuck", 2.31, 0.1), run("fine", 1.5, 0.5)], 10)
     assert "stuck (val loss 2.310)" in text and "fine" not in text and "1.500" not in text
     assert stayed_at_chance([run("fine", 1.5, 0.5), RunRecord(2, {}, "none")], 10) is None
+
+
+# --------------------------------------------------------------------------- the legend
+def fake_requests(live, lrs, names=("small", "large")):
+    """Requests of ``live`` as if trained, one per lr, each with a finished run per name (a
+    few points each): the legend and the title without training."""
+    from lessons.config import Metrics
+
+    for lr in lrs:
+        live.history.new_request()
+        values = {"lr": lr, "batch": 64}
+        for name in names:
+            run = live.history.add(name, live.label_run(name, None, values), values, {})
+            run.records = [
+                Metrics(i, 64 * i, i / 10, 2.0 - i / 10 - lr, lr, 64, kind="train")
+                for i in range(1, 6)
+            ]
+            run.status = "done"
+    live.draw()
+
+
+def legend_entries(live) -> list[str]:
+    """The legend's entries in the order the figure shows them."""
+    fig = live.figure
+    if live.renderer_name == "plotly":
+        shown = [t for t in fig.fig.data if t.showlegend is not False]
+        return [t.name for t in sorted(shown, key=lambda t: t.legendrank or 1000)]
+    return [t.get_text() for t in fig.fig.legends[0].get_texts()]
+
+
+@pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])
+def test_legend_lines_say_what_differs_and_the_title_what_every_run_shares(renderer):
+    """Every legend line repeated the whole settings string ("small: lr=0.05, batch=64"): the
+    settings every run shares now stand once under the title, and each line names the run and
+    what differs, the faded older request's too; the hover text and the run keep it all."""
+    live = make_live(renderer=renderer, replay=False, auto_run=False)
+    fake_requests(live, [0.05, 0.02])
+    title_lines = live.figure.title().split("\n")
+    assert title_lines[0] == live.title and title_lines[1] == "all runs: batch=64"
+    entries = legend_entries(live)
+    assert entries == ["small: lr=0.02", "large: lr=0.02", "small: lr=0.05", "large: lr=0.05"]
+    assert not [e for e in entries if "batch" in e]
+    old = live.runs[0]
+    assert old.label == "small: lr=0.05, batch=64"  # the run log and the CSV keep it all
+    if renderer == "plotly":
+        hover = {t.meta: t.hovertemplate for t in live.figure.fig.data}
+        assert hover[f"{old.id}:loss"].startswith("small: lr=0.05, batch=64<br>")
+    # one request alone: every setting is shared, the lines name the runs
+    live.clear()
+    assert legend_entries(live) == ["small", "large"]
+    assert live.figure.title().split("\n")[1] == "all runs: lr=0.02, batch=64"
+
+
+@pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])
+def test_the_newest_requests_runs_lead_the_legend_and_older_ones_fold_away(renderer):
+    """With many requests the legend grew into a scrolling box, oldest first, that cut off the
+    newest runs: now the newest request's entries come first, the one or two before it follow,
+    and the older runs, still drawn faded, share one entry."""
+    live = make_live(renderer=renderer, replay=False, auto_run=False)
+    lrs = [0.01 * (i + 1) for i in range(9)]
+    fake_requests(live, lrs)
+    groups = len({r.group for r in live.runs})
+    assert groups == live.history.max_history + 1 >= 7  # the history keeps 7 requests
+    entries = legend_entries(live)
+    assert entries[:2] == ["small: lr=0.09", "large: lr=0.09"]
+    assert entries[2:4] == ["small: lr=0.08", "large: lr=0.08"]
+    from widgets.legend import SHOWN_ENTRIES
+
+    assert len(entries) <= SHOWN_ENTRIES + 1
+    folded = len(live.runs) - (len(entries) - 1)
+    assert entries[-1] == f"earlier runs ({folded})" and folded >= 6
+    # every run's curve is still drawn
+    drawn = {t["uid"].split(":")[0] for t in live.traces() if t["points"]}
+    assert {str(r.id) for r in live.runs} <= drawn
+
+
+def test_label_parts_keep_bracketed_values_whole():
+    from widgets.legend import label_parts, shared_settings
+    from widgets.runs import RunRecord
+
+    base = RunRecord(1, {}, "baseline (B=256): lamb, lr=0.02, betas=(0.9, 0.99)", name="x")
+    base.name = "baseline (B=256)"
+    assert label_parts(base) == ["lamb", "lr=0.02", "betas=(0.9, 0.99)"]
+    moved = RunRecord(2, {}, "lamb (b=32): lamb, lr=0.0025, betas=(0.987, 0.999)")
+    moved.name = "lamb (b=32)"
+    assert shared_settings([base, moved]) == ["lamb"]
+    alone = RunRecord(3, {}, "lr=0.1, milestones=(2, 4), reference")
+    assert label_parts(alone) == ["lr=0.1", "milestones=(2, 4)", "reference"]
+
+
+def test_runs_a_figure_does_not_draw_take_no_room_in_its_legend():
+    """Lesson 5's first panel draws one family of a request's runs: only the drawn runs count
+    towards the entries that fold older requests away."""
+    from widgets.scene import RAW_LOSS, Series, smoothed_loss
+
+    def only_small(run, view):
+        return smoothed_loss(run, view) if run.name == "small" else ([], [])
+
+    series = (RAW_LOSS, Series("loss", "train loss", compute=only_small))
+    live = make_live(renderer="plotly", replay=False, auto_run=False, series=series)
+    names = ("small", "b", "c", "d", "e")
+    fake_requests(live, [0.01, 0.02, 0.03, 0.04], names)
+    entries = legend_entries(live)
+    assert entries == ["small: lr=0.04", "small: lr=0.03", "small: lr=0.02", "earlier runs (1)"]

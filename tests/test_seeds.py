@@ -93,7 +93,7 @@ def test_a_request_trains_each_run_from_two_seeds_drawn_faint_in_its_colour():
         theirs = traces[f"{lead.seed_runs[0].id}:loss"]
         assert theirs.color == mine.color and theirs.opacity < mine.opacity
         assert mine.showlegend and not theirs.showlegend
-        assert mine.name == f"{lead.label} (2 seeds)"
+        assert mine.name == f"{lead.name} (2 seeds)"  # what differs: only the name
         assert f"{lead.seed_runs[0].id}:loss_raw" not in traces  # no raw noise for seed runs
     assert len({traces[f"{r.id}:loss"].color for r in group.values()}) == 2
     assert "low:" in live.status_text and "seed" not in live.status_text

@@ -49,6 +49,8 @@ class Trace:
     axis: str = "y"  # "y" (left) or "y2" (right)
     showlegend: bool = True
     group: str | None = None
+    rank: int | None = None  # legend order: lower first; None after every ranked entry
+    hover: str = ""  # the hover text, where it says more than the name (plotly)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ One LiveRun lays out the controls a lesson chooses, Run / Stop / Clear / Export 
 status line, a progress line and a figure, and wires them: a changed control becomes a
 request to the background worker (widgets.worker: one thread, the newest request wins), which
 trains it (widgets.request) while the figure is redrawn at a bounded rate. Earlier runs stay
-as faded curves labelled with their settings, and every finished run is appended to a
+as faded curves; the legend names each run and what differs, the settings every run shares
+stand under the title (widgets.legend), and every finished run is appended to a
 JSON-lines log (widgets.runs), so overlays survive a kernel restart.
 """
 
@@ -29,6 +30,7 @@ from widgets import front_end, status
 from widgets.controls import check_controls, x_axis_toggle
 from widgets.export import export_files
 from widgets.figure import Mark, Trace, choose_renderer, in_kernel, make_figure, shared_yrange
+from widgets.legend import plan as plan_legend
 from widgets.request import Request
 from widgets.runs import RunHistory, RunRecord, load_runs, run_log_path, settings_label
 from widgets.scene import DEFAULT_SERIES, Series, run_traces
@@ -43,10 +45,11 @@ class LiveRun:
         changing one re-runs training.
     make_config: the controls' values -> TrainConfig, or {run name: TrainConfig} to train
         several runs per request (raise ValueError for impossible values).
-    label: the controls' values -> the request's text for the legend and status line
-        (default: settings_label).
-    run_label: (run name, its TrainConfig, the values) -> that run's legend label, for runs
-        that do not all train with what ``label`` says (default: "<name>: <label>").
+    label: the controls' values -> the request's settings, "key=value, ..." (default:
+        settings_label), for the status line and each run's label.
+    run_label: (run name, its TrainConfig, the values) -> that run's label, "<name>: setting,
+        setting, ...", for runs that do not all train with what ``label`` says (default:
+        "<name>: <label>"). The legend shows the settings in which runs differ.
     view_controls: name -> widget whose change only redraws (for example a smoothing beta);
         their values reach Series.compute and ``marks``.
     marks: (live) -> list of Mark drawn as labelled vertical lines.
@@ -292,10 +295,14 @@ class LiveRun:
 
     def scene(self) -> tuple[list[Trace], str, list[Mark]]:
         """What the figure shows: a trace per run and series, the title and the marks."""
-        # the data set on a line of its own: at the end of one long line it ran off the figure
-        title = self.title + (f"\n{self.subtitle}" if self.subtitle else "")
+        runs = list(self.runs)
+        legend = plan_legend(runs)
+        # under the title, the settings every run shares (the legend says what differs) and
+        # the data set, each on a line of its own: at the end of one line they ran off
+        lines = [self.title, legend.title_line(), self.subtitle]
+        title = "\n".join(line for line in lines if line)
         lw = 2.0 if self.presenter.value else 1.0
-        traces = run_traces(list(self.runs), self.series, self.view(), lw)
+        traces = run_traces(runs, self.series, self.view(), lw, legend)
         marks = list(self.marks(self)) if self.marks else []
         return traces, title, marks
 

@@ -45,6 +45,7 @@ class MatplotlibFigure:
         self.xlog = xlog
         self.widget = W.Image(format="png", layout=W.Layout(width="100%", max_width="900px"))
         self._traces: list[dict] = []
+        self._entries: list[tuple] = []
         self._marks: list[dict] = []
         self._title = ""
         self.yrange: tuple | None = None  # the left axis' range; None: fit the data
@@ -84,13 +85,14 @@ class MatplotlibFigure:
 
     def _plot(self, traces: Sequence[Trace]) -> None:
         self._traces = []
+        self._entries = []  # (rank, handle, name) of each trace with a legend entry
         for t in traces:
             target = self.ax2 if t.axis == "y2" and self.ax2 is not None else self.ax
             label = t.name if t.showlegend else None
             if t.kind == "bar":
-                target.bar(t.x, t.y, color=t.color, alpha=t.opacity, label=label)
+                handle = target.bar(t.x, t.y, color=t.color, alpha=t.opacity, label=label)
             else:
-                target.plot(
+                (handle,) = target.plot(
                     t.x,
                     t.y,
                     color=t.color,
@@ -101,6 +103,8 @@ class MatplotlibFigure:
                     markersize=3,
                     label=label,
                 )
+            if label and not label.startswith("_"):  # as matplotlib's own legend
+                self._entries.append((1000 if t.rank is None else 1 + t.rank, handle, label))
             self._traces.append(
                 {"uid": t.uid, "name": t.name, "points": len(t.x), "opacity": t.opacity}
             )
@@ -145,10 +149,9 @@ class MatplotlibFigure:
             old.remove()
         if not shown:
             return 0
-        handles, labels = self.ax.get_legend_handles_labels()
-        if self.ax2 is not None:
-            more = self.ax2.get_legend_handles_labels()
-            handles, labels = handles + more[0], labels + more[1]
+        # ordered by rank (the newest request's runs first), else as drawn
+        entries = sorted(self._entries, key=lambda e: e[0])
+        handles, labels = [e[1] for e in entries], [e[2] for e in entries]
         if not labels:  # only unnamed curves: matplotlib leaves them out of a legend
             return 0
         rows = max(1, legend_rows(labels, self.scale, width=720))

@@ -162,8 +162,10 @@ class PlotlyFigure:
                 self._sent[spec.uid] = (xs, ys)
             if trace.opacity != spec.opacity:
                 trace.opacity = spec.opacity
-            if trace.name != spec.name:
-                trace.name = spec.name
+            # a run's legend text, entry and order change as newer requests come
+            for key, value in _legend_props(spec).items():
+                if trace[key] != value:
+                    trace[key] = value
             if spec.kind != "bar" and trace.line.width != spec.width:
                 trace.line.width = spec.width
 
@@ -185,10 +187,8 @@ class PlotlyFigure:
             x=xs,
             y=ys,
             meta=spec.uid,
-            name=spec.name,
             opacity=spec.opacity,
-            showlegend=spec.showlegend,
-            legendgroup=spec.group,
+            **_legend_props(spec),
         )
         if spec.kind == "bar":
             trace = self._go.Bar(marker_color=spec.color, **common)
@@ -278,3 +278,15 @@ class PlotlyFigure:
 
         page = pio.to_html(self._go.Figure(self.fig), include_plotlyjs=True, full_html=True)
         data_mod.atomic_write(path, lambda f: f.write(page), binary=False)
+
+
+def _legend_props(spec: Trace) -> dict:
+    """A trace's legend text, entry, group and rank, and its hover text (the whole label)."""
+    hover = f"{html.escape(spec.hover)}<br>%{{x}}, %{{y}}<extra></extra>" if spec.hover else None
+    return dict(
+        name=spec.name,
+        showlegend=spec.showlegend,
+        legendgroup=spec.group,
+        legendrank=1000 if spec.rank is None else 1 + spec.rank,
+        hovertemplate=hover,
+    )

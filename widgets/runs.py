@@ -1,4 +1,4 @@
-"""Run records: what one run trained with and recorded, its legend label, the JSON-lines run
+"""Run records: what one run trained with and recorded, its label, the JSON-lines run
 log that keeps runs across kernel restarts (and carries GPU runs to a CPU classroom), and the
 CSV export."""
 
@@ -37,7 +37,8 @@ class RunRecord:
 
     @property
     def display_label(self) -> str:
-        """The legend text: settings, and for a run from the log where it ran."""
+        """The whole label: settings, and for a run from the log where it ran (the hover
+        text and the CSV; the legend says what differs, widgets.legend)."""
         if not self.replayed:
             return self.label
         return f"{self.label} (saved, {self.meta.get('device', '?')})"

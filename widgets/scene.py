@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from lessons.config import epoch_train_loss
 from lessons.ema import ema_over_samples
 from widgets.figure import Trace
+from widgets.legend import EARLIER, Legend, fold, plan
 from widgets.runs import RunRecord
 
 FADED = 0.3  # the opacity of earlier requests' runs, relative to the newest
@@ -83,10 +84,18 @@ EPOCH_SERIES = (
 
 
 def run_traces(
-    runs: Sequence[RunRecord], series: Sequence[Series], view: dict, line_width: float = 1.0
+    runs: Sequence[RunRecord],
+    series: Sequence[Series],
+    view: dict,
+    line_width: float = 1.0,
+    legend: Legend | None = None,
 ) -> list[Trace]:
-    """A trace per run and series; ``view["x"]`` picks the x axis (samples by default)."""
-    traces = []
+    """A trace per run and series; ``view["x"]`` picks the x axis (samples by default).
+    ``legend`` (widgets.legend.plan of ``runs`` by default) names each run in the legend and
+    orders its entries; the older requests' runs fold into one entry (widgets.legend.fold);
+    the hover text keeps each run's whole label."""
+    legend = legend or plan(runs)
+    traces, owners, entries = [], [], set()  # each trace's run id; the runs with an entry
     # the legend names a run once, on its most prominent curve
     lead = next((s for s in series if s.opacity >= 1), series[0])
     newest = max((r.group for r in runs if not r.replayed), default=None)
@@ -94,7 +103,7 @@ def run_traces(
         active = run.group == newest and not run.replayed
         data = run.series(view.get("x", "samples"))  # samples, step or epoch
         seed_run = run.lead is not None
-        name = run.display_label + (f" ({1 + len(run.seed_runs)} seeds)" if run.seed_runs else "")
+        name = legend.short.get((run.lead or run).id, run.display_label)
         for s in series:
             if seed_run and s.opacity < 1:
                 continue  # a seed run: its main curves only, faint, without a legend entry
@@ -115,6 +124,35 @@ def run_traces(
                     axis=s.axis,
                     showlegend=first and bool(xs),  # no entry for a curve not drawn
                     group=str((run.lead or run).id),  # a seed run toggles with its lead
+                    rank=legend.rank.get(run.id),
+                    hover=run.display_label + ("" if first else f" {s.label}"),
                 )
             )
-    return traces
+            owners.append(run.id)
+            if traces[-1].showlegend:
+                entries.add(run.id)
+    fold(legend, runs, entries)
+    for t, owner in zip(traces, owners):
+        if owner in legend.folded:
+            t.showlegend, t.group = False, EARLIER  # drawn, toggled with the EARLIER entry
+    return traces + earlier_entry(sum(i in legend.folded for i in entries), legend, line_width)
+
+
+def earlier_entry(n: int, legend: Legend, line_width: float) -> list[Trace]:
+    """One legend entry, "earlier runs (N)", for the ``n`` folded runs drawn: their curves
+    stay, faded, and toggle together (a grey sample line, no points of its own)."""
+    if not n:
+        return []
+    return [
+        Trace(
+            uid=EARLIER,
+            x=[None],
+            y=[None],
+            name=f"{EARLIER} ({n})",
+            color="#999999",
+            opacity=FADED * 2,
+            width=1.5 * line_width,
+            group=EARLIER,
+            rank=max(legend.rank.values()) + 1,
+        )
+    ]

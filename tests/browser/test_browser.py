@@ -4,6 +4,7 @@ with the keyboard and the mouse as a student would (see conftest.py for the set-
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -143,7 +144,18 @@ def plotted_in(figure) -> list[int]:
 
 
 def curves(widget) -> dict[str, int]:
-    """Legend name -> points of each named curve in the widget's plotly figure."""
+    """Trace id -> points of each curve with a legend entry in the widget's plotly figure (a
+    run's legend name changes as newer runs come: what differs from them)."""
+    return dict(
+        widget.locator(".js-plotly-plot").first.evaluate(
+            "el => (el.data || []).filter(t => t.showlegend !== false && t.meta !== 'earlier')"
+            ".map(t => [t.meta, (t.x || []).length])"
+        )
+    )
+
+
+def named(widget) -> dict[str, int]:
+    """Legend name -> points of each curve with a legend entry."""
     return dict(
         widget.locator(".js-plotly-plot").first.evaluate(
             "el => (el.data || []).filter(t => t.showlegend !== false)"
@@ -271,14 +283,115 @@ def test_lesson_4s_reference_box_adds_a_run_whose_curve_is_drawn(page, lab):
     box.locator("input[type=checkbox]").check()
     t0 = time.time()
     # the three schedules, then the reference, one after the other on a CPU
-    while not any("no decay" in k and n > 0 for k, n in curves(widget).items()):
-        assert time.time() - t0 < 180, f"no reference curve: {status(widget)!r} {curves(widget)}"
+    while not any("no decay" in k and n > 0 for k, n in named(widget).items()):
+        assert time.time() - t0 < 180, f"no reference curve: {status(widget)!r} {named(widget)}"
         time.sleep(0.1)
-    named = curves(widget)
+    named_now = named(widget)
     for schedule in ("decay lr", "grow batch", "hybrid", "no decay"):
-        assert any(k.startswith(schedule) and n > 0 for k, n in named.items()), named
+        assert any(k.startswith(schedule) and n > 0 for k, n in named_now.items()), named_now
     widget.locator("button", has_text="Stop").click()
     t0 = time.time()
     while not status(widget).startswith(("Stopped", "Done")):
         assert time.time() - t0 < 30, f"the run did not stop: {status(widget)!r}"
         time.sleep(0.05)
+
+
+FIGURE_JS = """el => ({
+  traces: (el.data || []).map(t => ({
+    name: t.name || '', color: (t.line || {}).color, opacity: t.opacity,
+    legend: t.showlegend !== false, points: (t.x || []).length,
+  })),
+  legend: Array.from(el.querySelectorAll('.legend .traces')).map(g => {
+    const r = g.getBoundingClientRect();
+    return {text: g.textContent, top: Math.round(r.top), left: r.left, bottom: r.bottom,
+            right: r.right};
+  }),
+  subtitle: ((el.layout.title || {}).subtitle || {}).text || '',
+  box: (() => { const r = el.getBoundingClientRect();
+    return {top: r.top, left: r.left, bottom: r.bottom, right: r.right}; })(),
+})"""
+
+
+def figure_state(figure) -> dict:
+    return figure.evaluate(FIGURE_JS)
+
+
+def newest_first(fig: dict) -> bool:
+    """The newest request's runs (drawn at full opacity) lead the legend, as it reads."""
+    active = {t["name"] for t in fig["traces"] if t["legend"] and t["opacity"] == 1}
+    shown = [e["text"] for e in sorted(fig["legend"], key=lambda e: (e["top"], e["left"]))]
+    return bool(active) and set(shown[: len(active)]) == active
+
+
+def settings(text: str) -> list[str]:
+    """ "lr=0.02, betas=(0.9, 0.99)" -> its settings, split at the commas outside brackets."""
+    return re.split(r", (?![^(]*\))", text)
+
+
+def by_batch(name: str) -> str:
+    found = re.search(r"B=\d+", name)
+    return found.group(0) if found else name
+
+
+@pytest.mark.parametrize(
+    "name, slider, role_in_panel",
+    [
+        # lesson 2: baseline, naive, lr only and the rule's run; no panel of runs
+        ("02_deriving_beta_one_over_b.ipynb", "lr at B", None),
+        # lesson 4: the schedules, their noise scale in the panel under the loss
+        ("04_noise_scale.ipynb", "base lr", lambda n: n.split(":")[0]),
+        # lesson 5: standard Adam's sweep, the invariant runs in the panel: a colour per batch
+        ("05_micro_batch_variance.ipynb", "lr at the smallest batch", by_batch),
+    ],
+)
+def test_after_a_slider_move_the_legend_leads_with_the_newest_runs_and_roles_keep_colours(
+    page, lab, name, slider, role_in_panel
+):
+    """Lessons 2, 4 and 5: a run's colour changed with every request and between panels, and
+    the legend repeated every setting in a box whose newest entries were cut off."""
+    open_notebook(page, lab, name)
+    s = run_until(page, "runs = live.run_blocking(")  # the widget and its first request
+    assert not s["errors"], s["errors"]
+    widget = live_widget(page, slider)
+    widget.scroll_into_view_if_needed()
+    figure = widget.locator(".js-plotly-plot").first
+    control = widget.locator(".widget-slider", has=page.locator(".widget-label", has_text=slider))
+    control.locator(".noUi-handle").first.focus()
+    page.keyboard.press("ArrowLeft")
+    t0 = time.time()
+    while not status(widget).startswith("Running"):
+        assert time.time() - t0 < 30, f"no run started: {status(widget)!r}"
+        time.sleep(0.05)
+    while not status(widget).startswith("Done"):
+        assert time.time() - t0 < 300, f"the request did not finish: {status(widget)!r}"
+        time.sleep(0.2)
+    fig = wait_until(lambda: figure_state(figure), newest_first, 20)
+    active = [t for t in fig["traces"] if t["legend"] and t["opacity"] == 1]
+    earlier = [t for t in fig["traces"] if t["legend"] and t["name"].startswith("earlier runs")]
+    faded = [t for t in fig["traces"] if t["legend"] and t["opacity"] < 1 and t not in earlier]
+    assert newest_first(fig), (active, fig["legend"])
+    if earlier:  # older requests (here the runs other tests saved) share the last entry
+        last = max(fig["legend"], key=lambda e: (e["top"], e["left"]))
+        assert last["text"] == earlier[0]["name"], fig["legend"]
+    box = fig["box"]
+    for entry in fig["legend"][: len(active)]:  # inside the figure, not scrolled away
+        assert box["top"] <= entry["top"] and entry["bottom"] <= box["bottom"] + 1, entry
+    # each line names its run and what differs: the shared settings stand once in the title
+    (shared,) = [line for line in fig["subtitle"].split("<br>") if line.startswith("all runs: ")]
+    shared = set(settings(shared.removeprefix("all runs: ")))
+    for t in active + faded:
+        assert ": " in t["name"] and not shared & set(settings(t["name"].split(": ", 1)[1])), t
+    # a role keeps its colour across the two requests; two roles never share one
+    role = {t["name"].split(":")[0]: t["color"] for t in faded}
+    assert any(t["name"].split(":")[0] in role for t in active), (active, faded)
+    for t in active:
+        assert role.get(t["name"].split(":")[0], t["color"]) == t["color"], (t, role)
+    assert len({t["color"] for t in active}) == len(active), active
+    if role_in_panel is None:
+        return
+    # ... and the same colour in the panel under the figure
+    main = {role_in_panel(t["name"]): t["color"] for t in active}
+    panel = figure_state(widget.locator(".js-plotly-plot").nth(1))["traces"]
+    pairs = [(t, main[role_in_panel(t["name"])]) for t in panel if role_in_panel(t["name"]) in main]
+    assert pairs, (panel, main)
+    assert all(t["color"] == color for t, color in pairs), pairs
