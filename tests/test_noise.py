@@ -175,3 +175,27 @@ def test_the_momentum_line_converts_the_base_batch():
 
     line = NS.momentum_batches(32, 9469, 0.9)
     assert "0.99: batch 311" in line and "0: batch 3" in line and "0.9:" not in line
+
+
+def test_noise_probe_measures_images_of_every_class_the_same_each_epoch(monkeypatch):
+    """The training set is stored class by class, so its first n images hold a few classes
+    only: the probe draws its images at random, and keeps them from epoch to epoch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lessons import measure as M
+
+    seen = []
+    monkeypatch.setattr(
+        M, "measure_simple_noise_scale", lambda model, x, y, *a, **k: seen.append(y) or 1.0
+    )
+    ds = SimpleNamespace(
+        train_x=torch.zeros(1000, 3, 4, 4, dtype=torch.uint8),
+        train_y=torch.arange(10).repeat_interleave(100),  # class by class
+    )
+    probe = M.noise_probe(8, 64, n=200)
+    for epoch in (0, 1):
+        probe.epoch(SimpleNamespace(model=torch.nn.Conv2d(3, 1, 1), dataset=ds), epoch)
+    assert len(seen[0]) == 200 and torch.bincount(seen[0], minlength=10).min() >= 10, seen[0]
+    assert torch.equal(seen[0], seen[1])
