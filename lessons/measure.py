@@ -93,15 +93,19 @@ def measure_simple_noise_scale(
 
 def noise_probe(b_small: int, b_big: int, repeats: int = 8, n: int = 2048) -> EpochEnd:
     """A callback (TrainConfig.callbacks): B_simple at the end of every epoch, measured on up
-    to ``n`` training images, reported as {"b_simple": value} in the eval record."""
+    to ``n`` training images, reported as {"b_simple": value} in the eval record. The images
+    are drawn at random with a fixed seed, the same ones at every epoch: the training set is
+    stored class by class, and its first ``n`` would hold a few classes only."""
 
     def probe(model, ds, epoch):
-        x = normalize(ds.train_x[:n])
+        order = torch.randperm(len(ds.train_x), generator=torch.Generator().manual_seed(0))
+        picked = order[:n].to(ds.train_x.device)
+        x = normalize(ds.train_x[picked])
         if next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)  # as the engine's batches
         return {
             "b_simple": measure_simple_noise_scale(
-                model, x, ds.train_y[:n], b_small, b_big, repeats, seed=epoch
+                model, x, ds.train_y[picked], b_small, b_big, repeats, seed=epoch
             )
         }
 

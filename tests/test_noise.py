@@ -8,6 +8,7 @@ from lessons.callbacks import NoiseScale
 from lessons.config import TrainConfig, epoch_train_loss
 from lessons.profiles import get_profile
 from lessons.train import run
+from widgets import seeds as S
 
 
 def test_noise_scale_formula():
@@ -128,8 +129,8 @@ def test_simple_noise_scale_recovers_a_known_value():
 def test_schedules_widget_trains_three_runs_with_panels():
     from widgets import noise_scale as NS
 
-    live = NS.schedules_live(renderer="plotly")
-    runs = live.run_blocking(timeout=300)
+    live = NS.schedules_live(renderer="plotly", seeds=1)  # one seed each: the panels' test
+    runs = live.run_blocking(reference=False, timeout=300)
     assert list(runs) == ["decay lr", "grow batch", "hybrid"]
     counts = NS.update_counts(live)
     assert counts["grow batch"] < counts["hybrid"] < counts["decay lr"]
@@ -149,25 +150,44 @@ def test_schedules_widget_trains_three_runs_with_panels():
     assert xs[f"{runs['grow batch'].id}:loss"][-1] == counts["grow batch"]
     live.run_blocking(k=3, timeout=300)
     cfg = live.make_config(live.values())
-    assert cfg["decay lr"].lr_at(4) == pytest.approx(0.05 / 9)
+    assert cfg["decay lr"].lr_at(6) == pytest.approx(NS.DEFAULTS["lr"] / 9)
 
 
 @pytest.mark.usefixtures("private_run_log")
-def test_schedules_widget_adds_a_reference_run_whose_noise_never_drops():
+def test_schedules_widget_trains_the_null_run_and_seeds_by_default():
     from widgets import noise_scale as NS
 
     live = NS.schedules_live(renderer="plotly")
-    assert live.controls[NS.REFERENCE].value is False  # off: three runs, as the lesson times
-    runs = live.run_blocking(reference=True, timeout=300)
+    # on by default: the null run is what lowering the noise buys, the lesson's claim
+    assert live.controls[NS.REFERENCE].value is True
+    runs = live.run_blocking(timeout=300)
     assert list(runs) == ["decay lr", "grow batch", "hybrid", NS.REFERENCE_NAME]
+    # two seeds for each schedule the claim compares, one for hybrid
+    assert {name: len(r.seed_runs) for name, r in runs.items()} == {
+        "decay lr": 1,
+        "grow batch": 1,
+        "hybrid": 0,
+        NS.REFERENCE_NAME: 1,
+    }
+    assert all(r.status == "done" for r in runs["grow batch"].seed_runs)
     ref = [m for m in runs[NS.REFERENCE_NAME].records if m.kind == "train"]
-    assert {m.lr for m in ref} == {0.05} and {m.batch for m in ref} == {32}
+    assert {m.lr for m in ref} == {NS.DEFAULTS["lr"]} and {m.batch for m in ref} == {32}
     assert len({round(m.extras["noise"], 9) for m in ref}) == 1
     decay = [m.extras["noise"] for m in runs["decay lr"].records if m.kind == "train"]
     assert decay[-1] == pytest.approx(ref[-1].extras["noise"] / 4)  # k = 2, two milestones
     panel = {t["uid"] for t in live.panel_figure.traces()}
     assert f"noise:{NS.REFERENCE_NAME}" in panel and len(panel) == 4
-    assert f"{NS.REFERENCE_NAME}: " in live.summary_html.value
+    summary = live.summary_html.value
+    assert f"{NS.REFERENCE_NAME}: " in summary
+    spread = S.spread(runs["decay lr"], "train_loss")
+    assert f"(seed spread {spread:.3f})" in summary, summary
+    gap = S.mean_final(runs[NS.REFERENCE_NAME], "train_loss") - S.mean_final(
+        runs["decay lr"], "train_loss"
+    )
+    assert f"{NS.REFERENCE_NAME} ends {gap:+.3f} from decay lr" in summary, summary
+    curve = NS.mean_curve(runs["decay lr"])  # the seeds' mean, epoch by epoch
+    seeds = [runs["decay lr"], *runs["decay lr"].seed_runs]
+    assert curve == pytest.approx(np.mean([epoch_train_loss(r.records) for r in seeds], axis=0))
 
 
 def test_the_momentum_line_converts_the_base_batch():
@@ -175,3 +195,27 @@ def test_the_momentum_line_converts_the_base_batch():
 
     line = NS.momentum_batches(32, 9469, 0.9)
     assert "0.99: batch 311" in line and "0: batch 3" in line and "0.9:" not in line
+
+
+def test_noise_probe_measures_images_of_every_class_the_same_each_epoch(monkeypatch):
+    """The training set is stored class by class, so its first n images hold a few classes
+    only: the probe draws its images at random, and keeps them from epoch to epoch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lessons import measure as M
+
+    seen = []
+    monkeypatch.setattr(
+        M, "measure_simple_noise_scale", lambda model, x, y, *a, **k: seen.append(y) or 1.0
+    )
+    ds = SimpleNamespace(
+        train_x=torch.zeros(1000, 3, 4, 4, dtype=torch.uint8),
+        train_y=torch.arange(10).repeat_interleave(100),  # class by class
+    )
+    probe = M.noise_probe(8, 64, n=200)
+    for epoch in (0, 1):
+        probe.epoch(SimpleNamespace(model=torch.nn.Conv2d(3, 1, 1), dataset=ds), epoch)
+    assert len(seen[0]) == 200 and torch.bincount(seen[0], minlength=10).min() >= 10, seen[0]
+    assert torch.equal(seen[0], seen[1])

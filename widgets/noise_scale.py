@@ -6,18 +6,33 @@ import functools
 import html
 
 import ipywidgets as W
+import numpy as np
 
 from lessons import noise as N
 from lessons.callbacks import NoiseScale
 from lessons.config import TrainConfig, epoch_train_loss
 from lessons.profiles import get_profile
+from widgets import seeds as S
 from widgets.controls import STYLE, log_slider
 from widgets.figure import Trace
 from widgets.live import LiveRun
+from widgets.runs import RunRecord
 from widgets.scene import EPOCH_SERIES
 
 REFERENCE = "reference"  # the control's key
 REFERENCE_NAME = "no decay"  # its run: base lr and base batch throughout, the noise never drops
+SEEDS = 2  # seeds per schedule in the claim: the spread it is stated against
+
+
+def seeds_of(name: str) -> int:
+    """Seeds cost runs: the claim compares decay lr, grow batch and the null run; hybrid once."""
+    return 1 if name == "hybrid" else SEEDS
+
+
+# the first run's settings: a large lr at a base batch well below B_simple, where the noise is
+# what limits the loss, so lowering it (by decaying lr or growing the batch) pays at once
+DEFAULTS = dict(lr=0.2, batch=32, k=2, milestones=(4, 6), momentum=0.9)
+MIN_EPOCHS = 8  # milestones at 4 and 6 leave two epochs at each noise level
 
 
 def noise_panel(live: LiveRun) -> tuple[list[Trace], str]:
@@ -71,9 +86,11 @@ def summary(live: LiveRun, n: int) -> str:
         if ev is None:
             continue
         curve = epoch_train_loss(r.records)
+        spread = S.spread(r, "train_loss")
+        seeds = f" (seed spread {spread:.3f})" if spread is not None else ""
         rows.append(
             f"<li>{html.escape(r.name)}: {counts[r.name]:,} updates, "
-            f"last epoch's train loss {curve[-1]:.3f}, "
+            f"last epoch's train loss {curve[-1]:.3f}{seeds}, "
             f"final val loss {ev.val_loss:.3f}, val accuracy {ev.val_acc:.1%}</li>"
         )
     notice = next(
@@ -90,19 +107,57 @@ def summary(live: LiveRun, n: int) -> str:
     note = f"<br><i>{html.escape(notice)}</i>" if notice else ""
     v = next(iter(live.last_group.values())).settings  # what the shown runs trained with
     batches = html.escape(momentum_batches(int(v["batch"]), n, float(v["momentum"])))
-    return f"<ul>{''.join(rows)}</ul>{batches}{note}"
+    claim = html.escape(claim_line(live.last_group))
+    return f"<ul>{''.join(rows)}</ul>{claim}<br>{batches}{note}"
+
+
+def epoch_curve(records, metric: str = "train_loss") -> list[float]:
+    """One run's "train_loss" per epoch (epoch_train_loss), or its "val_acc" or "val_loss"
+    at each epoch's evaluation."""
+    if metric == "train_loss":
+        return epoch_train_loss(records)
+    return [getattr(m, metric) for m in records if m.kind == "eval"]
+
+
+def mean_curve(run: RunRecord, metric: str = "train_loss") -> np.ndarray:
+    """A schedule's curve per epoch (epoch_curve), averaged over its finished seeds."""
+    runs = [run, *(r for r in run.seed_runs if r.status == "done")]
+    curves = [epoch_curve(r.records, metric) for r in runs]
+    n = min(len(c) for c in curves)
+    return np.mean([c[:n] for c in curves], axis=0)
+
+
+def claim_line(runs: dict[str, RunRecord]) -> str:
+    """Where grow batch and the null run ended against decay lr, in seed spreads of the last
+    epoch's training loss ("" until decay lr and another schedule have finished seeds)."""
+    unit = S.largest_spread(runs, "train_loss")
+    decay = runs.get("decay lr")
+    if decay is None or decay.status != "done" or not unit:
+        return ""
+    parts = []
+    for name in ("grow batch", REFERENCE_NAME):
+        r = runs.get(name)
+        if r is None or r.status != "done":
+            continue
+        gap = S.mean_final(r, "train_loss") - S.mean_final(decay, "train_loss")
+        parts.append(f"{name} ends {gap:+.3f} from decay lr ({S.in_spreads(gap, unit)})")
+    return f"Mean over seeds, last epoch's train loss: {'; '.join(parts)}." if parts else ""
 
 
 def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
-    """The three schedules of Smith et al. trained side by side; with the "reference" box
-    ticked, also a run that keeps the base lr and batch, so the noise never drops."""
+    """The three schedules of Smith et al. trained side by side, each from ``seeds_of`` seeds;
+    with the "reference" box ticked (the default), also the null schedule that keeps the base
+    lr and batch, so its noise never drops. ``kwargs`` go to LiveRun (``seeds`` among them)."""
     p = get_profile(profile)
     n_train = p.n_train  # Imagenette's count, or the generated set's
-    epochs = max(p.epochs, 6)
+    epochs = max(p.epochs, MIN_EPOCHS)
+    d = DEFAULTS
     controls = {
-        "k": W.IntSlider(value=2, min=2, max=5, description="factor k", continuous_update=False),
+        "k": W.IntSlider(
+            value=d["k"], min=2, max=5, description="factor k", continuous_update=False
+        ),
         "milestones": W.IntRangeSlider(
-            value=(2, 4),
+            value=d["milestones"],
             min=1,
             max=epochs - 1,
             description="milestones (epochs)",
@@ -110,18 +165,21 @@ def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
             style=STYLE,
         ),
         "momentum": W.SelectionSlider(
-            options=[0.0, 0.5, 0.9], value=0.9, description="momentum", continuous_update=False
+            options=[0.0, 0.5, 0.9],
+            value=d["momentum"],
+            description="momentum",
+            continuous_update=False,
         ),
-        "lr": log_slider(0.05, "base lr", -3, 0),
+        "lr": log_slider(d["lr"], "base lr", -3, 0),
         "batch": W.SelectionSlider(
             options=[b for b in (16, 32, 64, 128) if b <= n_train // 16],
-            value=32,
+            value=d["batch"],
             description="base batch",
             continuous_update=False,
             style=STYLE,
         ),
-        # a control: what lowering the noise buys. Off by default (a fourth run's time)
-        REFERENCE: W.Checkbox(value=False, description="also: no decay, no growth"),
+        # the null schedule: what lowering the noise buys at all
+        REFERENCE: W.Checkbox(value=True, description="also: no decay, no growth"),
     }
 
     def make_config(v: dict) -> dict[str, TrainConfig]:
@@ -140,6 +198,7 @@ def schedules_live(profile: str | None = None, **kwargs) -> LiveRun:
             for name, o in plans.items()
         }
 
+    kwargs.setdefault("seeds", seeds_of)
     return LiveRun(
         controls,
         make_config,
