@@ -8,6 +8,7 @@ from lessons.config import TrainConfig
 from lessons.optim import LAMB_VARIANTS
 from lessons.train import run
 from widgets import lamb as L
+from widgets.legend import identical_runs
 
 pytestmark = pytest.mark.usefixtures("private_run_log")
 
@@ -130,7 +131,7 @@ def test_identical_runs_of_all_variants_are_named_in_the_summary():
     curve, as did the two timm rows; the legend showed 5 names of 7 without saying why."""
     live = L.lamb_vs_adamw(renderer="matplotlib")
     runs = live.run_blocking(variant="all variants", timeout=300)
-    groups = [{r.name for r in g} for g in L.identical_runs(runs.values())]
+    groups = [{r.name for r in g} for g in identical_runs(runs.values())]
     assert {"LAMB course", "LAMB no cap"} in groups
     assert {"LAMB timm / NVIDIA", "LAMB timm trust_clip"} in groups
     assert not any("AdamW" in g for g in groups)

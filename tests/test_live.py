@@ -866,10 +866,10 @@ def fake_requests(live, lrs, names=("small", "large")):
     for lr in lrs:
         live.history.new_request()
         values = {"lr": lr, "batch": 64}
-        for name in names:
+        for k, name in enumerate(names):  # each its own curve: none drawn over another
             run = live.history.add(name, live.label_run(name, None, values), values, {})
             run.records = [
-                Metrics(i, 64 * i, i / 10, 2.0 - i / 10 - lr, lr, 64, kind="train")
+                Metrics(i, 64 * i, i / 10, 2.0 - i / 10 - lr - k / 100, lr, 64, kind="train")
                 for i in range(1, 6)
             ]
             run.status = "done"
@@ -882,7 +882,10 @@ def legend_entries(live) -> list[str]:
     if live.renderer_name == "plotly":
         shown = [t for t in fig.fig.data if t.showlegend is not False]
         return [t.name for t in sorted(shown, key=lambda t: t.legendrank or 1000)]
-    return [t.get_text() for t in fig.fig.legends[0].get_texts()]
+    fig.fig.canvas.draw()  # as drawn: row by row, left to right
+    renderer = fig.fig.canvas.get_renderer()
+    boxes = [(t.get_window_extent(renderer), t.get_text()) for t in fig.fig.legends[0].texts]
+    return [text for box, text in sorted(boxes, key=lambda b: (-round(b[0].y0), b[0].x0))]
 
 
 @pytest.mark.parametrize("renderer", ["plotly", "matplotlib"])

@@ -42,7 +42,7 @@ class Trace:
     name: str = ""
     kind: str = "line"  # "line" | "bar"
     mode: str = "lines"  # "lines" | "lines+markers" | "markers"
-    dash: str = "solid"  # "solid" | "dash" | "dot"
+    dash: str = "solid"  # "solid" | "dash" | "dot" | "dashdot"
     color: str | None = None
     opacity: float = 1.0
     width: float = 2.0

@@ -21,10 +21,10 @@ from widgets.figure import COLORS, Trace
 from widgets.lamb_steps import (
     StepSizes,
     cap_binding,
-    identical_runs,
     relative_steps,
     trust_series,
 )
+from widgets.legend import identical_runs
 from widgets.live import LiveRun
 
 # "off" is a string, not None: ipywidgets reads a selection's value None as "nothing
@@ -231,7 +231,9 @@ def summary(live: LiveRun) -> str:
             )
     for same in identical_runs(group.values()):
         names = " = ".join(html.escape(r.name) for r in same)
-        lines.append(f"<b>{names}</b>: identical on this run (one curve drawn over the other).")
+        lines.append(
+            f"<b>{names}</b>: identical on this run (the later drawn dash-dotted over the first)."
+        )
     return "<br>".join(lines)
 
 

@@ -1,5 +1,5 @@
 """Lesson 3's measurements on a run's records: how far each step moved every tensor relative
-to its norm, where LAMB's trust cap bound, and which runs of a request came out identical."""
+to its norm, where LAMB's trust cap bound."""
 
 from __future__ import annotations
 
@@ -105,18 +105,6 @@ def relative_steps(run: RunRecord) -> dict[str, float]:
         return {}
     rel = np.array([np.array(m.extras["rel_step"]) / m.lr for m in pts])
     return dict(zip(names, np.median(rel, axis=0).tolist(), strict=True))
-
-
-def identical_runs(runs) -> list[list[RunRecord]]:
-    """Groups of finished runs whose records are equal, loss for loss: on a plot they draw
-    one curve, and the legend's other names vanish under it."""
-    groups: dict[tuple, list[RunRecord]] = {}
-    for run in runs:
-        if run.status != "done":
-            continue
-        key = tuple((m.kind, m.step, m.loss, m.val_loss, m.val_acc) for m in run.records)
-        groups.setdefault(key, []).append(run)
-    return [g for g in groups.values() if len(g) > 1]
 
 
 def end_loss(records) -> float:

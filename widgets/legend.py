@@ -48,6 +48,7 @@ class Legend:
     short: dict[int, str] = field(default_factory=dict)
     rank: dict[int, int] = field(default_factory=dict)  # 0: the newest request's runs
     folded: set[int] = field(default_factory=set)
+    twins: set[int] = field(default_factory=set)  # runs drawn over an identical earlier one
 
     def title_line(self) -> str:
         """The shared settings, as a line under the figure's title ("" when none)."""
@@ -79,6 +80,18 @@ def short_label(run: RunRecord, common: Sequence[str], newest: bool) -> str:
     return text
 
 
+def identical_runs(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
+    """Groups of finished runs of one request whose records are equal, loss for loss: on a
+    plot they draw one curve, and the other names vanish under it."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        if run.status != "done" or run.lead is not None:
+            continue
+        key = (run.group, *((m.kind, m.step, m.loss, m.val_loss, m.val_acc) for m in run.records))
+        groups.setdefault(key, []).append(run)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def plan(runs: Sequence[RunRecord]) -> Legend:
     """The legend of these runs (oldest first, as RunHistory keeps them): shared settings,
     short labels and each run's rank by its request's recency (0: the newest). A seed run has
@@ -89,10 +102,17 @@ def plan(runs: Sequence[RunRecord]) -> Legend:
     # the requests newest first; RunHistory appends runs as they start
     groups = list(dict.fromkeys(r.group for r in reversed(leads)))
     rank = {g: i for i, g in enumerate(groups)}
+    short = {r.id: short_label(r, common, r.group == newest and not r.replayed) for r in leads}
+    twins = set()
+    for same in identical_runs(leads):  # the later ones say whose curve they lie on
+        for r in same[1:]:
+            short[r.id] += f" (= {same[0].name or short[same[0].id]}, same curve)"
+            twins.add(r.id)
     return Legend(
         common=", ".join(common),
-        short={r.id: short_label(r, common, r.group == newest and not r.replayed) for r in leads},
+        short=short,
         rank={r.id: rank[(r.lead or r).group] for r in runs},
+        twins=twins,
     )
 
 

@@ -12,7 +12,17 @@ import ipywidgets as W
 from lessons import data as data_mod
 from widgets.figure import LOG_SUBS, Mark, Trace, legend_rows, log_ticks, wrap_title
 
-DASHES = {"solid": "-", "dash": "--", "dot": ":"}
+DASHES = {"solid": "-", "dash": "--", "dot": ":", "dashdot": "-."}
+
+
+def row_major(items: list, ncol: int) -> list:
+    """``items`` reordered so that matplotlib's legend, which fills its columns top to bottom
+    (``np.array_split`` into ``ncol`` columns), reads them left to right, row by row: the
+    newest runs along the first row, as plotly's horizontal legend shows them."""
+    rows = math.ceil(len(items) / ncol) if items else 0
+    full = len(items) - (rows - 1) * ncol  # the columns that reach the last row
+    columns = [range(c, len(items), ncol)[: rows if c < full else rows - 1] for c in range(ncol)]
+    return [items[i] for column in columns for i in column]
 
 
 class MatplotlibFigure:
@@ -155,11 +165,12 @@ class MatplotlibFigure:
         if not labels:  # only unnamed curves: matplotlib leaves them out of a legend
             return 0
         rows = max(1, legend_rows(labels, self.scale, width=720))
+        ncol = math.ceil(len(labels) / rows)
         self.fig.legend(
-            handles,
-            labels,
+            row_major(handles, ncol),
+            row_major(labels, ncol),
             loc="outside lower center",
-            ncol=math.ceil(len(labels) / rows),
+            ncol=ncol,
             fontsize=fs - 1,
             frameon=False,
         )

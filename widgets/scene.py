@@ -93,7 +93,8 @@ def run_traces(
     """A trace per run and series; ``view["x"]`` picks the x axis (samples by default).
     ``legend`` (widgets.legend.plan of ``runs`` by default) names each run in the legend and
     orders its entries; the older requests' runs fold into one entry (widgets.legend.fold);
-    the hover text keeps each run's whole label."""
+    a run identical to an earlier one is drawn dash-dotted over it; the hover text keeps each run's
+    whole label."""
     legend = legend or plan(runs)
     traces, owners, entries = [], [], set()  # each trace's run id; the runs with an entry
     # the legend names a run once, on its most prominent curve
@@ -110,6 +111,8 @@ def run_traces(
             xs, ys = s.compute(run, view) if s.compute else data.get(s.key, ([], []))
             first = s is lead and not seed_run
             faint = (SEED_RUN if seed_run else 1.0) * (1.0 if active else FADED)
+            # a run identical to an earlier one: its main curve dash-dotted, so both show
+            dash = "dashdot" if first and run.id in legend.twins and s.dash == "solid" else s.dash
             traces.append(
                 Trace(
                     uid=f"{run.id}:{s.key}",
@@ -117,7 +120,7 @@ def run_traces(
                     y=ys,
                     name=name if first else f"{name} {s.label}",
                     mode=s.mode,
-                    dash=s.dash,
+                    dash=dash,
                     color=run.color,
                     opacity=s.opacity * faint,
                     width=s.width * (2.5 if active and not seed_run else 1.5) * line_width,
