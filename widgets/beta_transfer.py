@@ -15,6 +15,7 @@ from widgets.controls import STYLE, log_slider
 from widgets.discounting import MAX_POINTS, beta_slider
 from widgets.figure import Mark, Trace, make_figure
 from widgets.live import LiveRun
+from widgets.seeds import in_spreads
 
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -110,7 +111,7 @@ def gap_summary(live: LiveRun) -> str:
     spread = measured.get(SEED_SPREAD)
     rows = "".join(
         f"<li>{html.escape(k)}: <b>{v:.3f}</b>"
-        + (f" ({v / spread:.1f} seed spreads)" if spread and k != SEED_SPREAD else "")
+        + (f" ({in_spreads(v, spread)})" if spread and k != SEED_SPREAD else "")
         + "</li>"
         for k, v in measured.items()
     )
