@@ -19,7 +19,7 @@ PROFILE ?=
 TEST_WORKERS ?= 2
 TEST_THREADS = $(shell $(PYTHON) -c 'import os; print(max(1, (os.cpu_count() or 1) // max(1, $(TEST_WORKERS))))')
 
-.PHONY: lab test test-colab bench lint clean
+.PHONY: lab test test-colab bench bench-notebooks lint clean
 
 # glibc's malloc with one arena for all threads: a widget trains in a worker thread, and a
 # thread's own arena would hand large blocks, and heaps it has emptied, back to the system every
@@ -77,6 +77,10 @@ test-colab: $(COLAB_STAMP)
 bench: $(STAMP)
 	$(MALLOC_ENV) $(BIN)/python -m lessons.bench $(if $(PROFILE),--profile $(PROFILE),)
 	$(MALLOC_ENV) $(BIN)/python -m widgets.bench $(if $(PROFILE),--profile $(PROFILE),)
+
+# every notebook top to bottom in a fresh kernel, timed (the cpu profile by default)
+bench-notebooks: $(STAMP)
+	$(MALLOC_ENV) $(BIN)/python -m widgets.notebook_bench $(if $(PROFILE),--profile $(PROFILE),)
 
 clean:
 	rm -rf $(VENV) $(COLAB_VENV) .cache

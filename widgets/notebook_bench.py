@@ -1,0 +1,83 @@
+"""``python -m widgets.notebook_bench [--profile P] [notebook ...]``: how long each notebook takes
+top to bottom, as Run All in a fresh kernel, and whether its self-checks pass.
+
+Each notebook runs in its own kernel (nbclient) with LESSONS_PROFILE set and an empty run log of
+its own, so that nothing is replayed or reused from an earlier run. A failing cell ends the
+notebook's run and is reported with its error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+import torch
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def time_notebook(path: Path, profile: str, timeout: float = 1800) -> dict:
+    """Run one notebook top to bottom; its seconds, and the first failing cell if any."""
+    nb = nbformat.read(path, as_version=4)
+    with tempfile.TemporaryDirectory(prefix="runs-") as runs:
+        os.environ.update(LESSONS_PROFILE=profile, LESSONS_RUNS=runs)
+        client = NotebookClient(nb, timeout=timeout, resources={"metadata": {"path": path.parent}})
+        t0 = time.perf_counter()
+        failed = None
+        try:
+            client.execute()
+        except CellExecutionError as e:
+            failed = failure(e)
+        seconds = time.perf_counter() - t0
+    return {"notebook": path.name, "seconds": round(seconds, 1), "failed": failed}
+
+
+def failure(e: CellExecutionError) -> str:
+    """The error and the line that raised it, as IPython's traceback marks it."""
+    trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    marked = [ln.strip() for ln in trace.splitlines() if ln.lstrip().startswith("--->")]
+    where = f" at {marked[-1]}" if marked else ""
+    return f"{e.ename}: {e.evalue}{where}"[:400]
+
+
+def machine() -> str:
+    """The CPU and thread count the figures were taken on (for BENCHMARKS.md)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [ln for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("notebooks", nargs="*", help="file names in notebooks/ (default: all)")
+    ap.add_argument("--profile", default="cpu", choices=["ci", "cpu", "gpu"])
+    ap.add_argument("--json", action="store_true", help="one JSON object, not a table")
+    args = ap.parse_args()
+    names = args.notebooks or sorted(p.name for p in NOTEBOOKS.glob("[0-9]*.ipynb"))
+    rows = []
+    for name in names:
+        rows.append(time_notebook(NOTEBOOKS / name, args.profile))
+        if not args.json:
+            r = rows[-1]
+            print(f"{r['notebook']:42} {r['seconds']:7.1f} s  {r['failed'] or 'checks passed'}")
+    if args.json:
+        print(json.dumps({"profile": args.profile, "machine": machine(), "notebooks": rows}))
+    else:
+        print(f"profile {args.profile}; {machine()}")
+
+
+if __name__ == "__main__":
+    main()
