@@ -65,7 +65,7 @@ def _failing_line(name: str, patch: str) -> tuple[str, str]:
         client.execute()
     except CellExecutionError as e:
         trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        marked = [ln for ln in trace.splitlines() if ln.lstrip().startswith("--->")]
+        marked = [ln for ln in trace.splitlines() if re.match(r"\s*-+> ", ln)]
         return (marked[-1] if marked else trace), e.ename
     return "", ""
 

@@ -44,7 +44,7 @@ def time_notebook(path: Path, profile: str, timeout: float = 1800) -> dict:
 def failure(e: CellExecutionError) -> str:
     """The error and the line that raised it, as IPython's traceback marks it."""
     trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    marked = [ln.strip() for ln in trace.splitlines() if ln.lstrip().startswith("--->")]
+    marked = [ln.strip() for ln in trace.splitlines() if re.match(r"\s*-+> ", ln)]
     where = f" at {marked[-1]}" if marked else ""
     return f"{e.ename}: {e.evalue}{where}"[:400]
 
