@@ -54,6 +54,19 @@ def test_spread_is_the_range_over_finished_seeds():
         S.final_value(lead, "accuracy")
 
 
+def test_paired_gaps_compare_two_runs_seed_by_seed():
+    a, b = _run(1, 2.0), _run(2, 1.5)
+    for k, (va, vb) in enumerate(((3.0, 2.6), (2.5, 2.2), (9.0, 1.0))):
+        for lead, v in ((a, va), (b, vb)):
+            seed_run = _run(10 * (k + 1) + lead.id, v, status="stopped" if v == 9.0 else "done")
+            seed_run.lead = lead
+            lead.seed_runs.append(seed_run)
+    # seed by seed: 0.5, 0.4 and 0.3 (the unfinished third seed run is left out), though
+    # each run's own seeds lie a whole unit apart
+    assert S.paired_gaps(a, b, "val_loss") == pytest.approx([0.5, 0.4, 0.3])
+    assert S.spread(a, "val_loss") == pytest.approx(1.0)
+
+
 def _live(seeds, name="seeds"):
     controls = {"lr": W.FloatLogSlider(value=0.05, base=10, min=-3, max=0)}
 

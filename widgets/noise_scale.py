@@ -128,8 +128,9 @@ def mean_curve(run: RunRecord, metric: str = "train_loss") -> np.ndarray:
 
 
 def claim_line(runs: dict[str, RunRecord]) -> str:
-    """Where grow batch and the null run ended against decay lr, in seed spreads of the last
-    epoch's training loss ("" until decay lr and another schedule have finished seeds)."""
+    """Where grow batch and the null run ended against decay lr: the mean over seeds in seed
+    spreads of the last epoch's training loss, and seed by seed (seeds.paired_gaps); "" until
+    decay lr and another schedule have finished seeds."""
     unit = S.largest_spread(runs, "train_loss")
     decay = runs.get("decay lr")
     if decay is None or decay.status != "done" or not unit:
@@ -140,7 +141,10 @@ def claim_line(runs: dict[str, RunRecord]) -> str:
         if r is None or r.status != "done":
             continue
         gap = S.mean_final(r, "train_loss") - S.mean_final(decay, "train_loss")
-        parts.append(f"{name} ends {gap:+.3f} from decay lr ({S.in_spreads(gap, unit)})")
+        each = ", ".join(f"{g:+.3f}" for g in S.paired_gaps(r, decay, "train_loss"))
+        parts.append(
+            f"{name} ends {gap:+.3f} from decay lr ({S.in_spreads(gap, unit)}; seed by seed {each})"
+        )
     return f"Mean over seeds, last epoch's train loss: {'; '.join(parts)}." if parts else ""
 
 

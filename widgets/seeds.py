@@ -78,6 +78,19 @@ def largest_spread(runs: dict[str, RunRecord] | list[RunRecord], metric: str) ->
     return max(spreads) if spreads else None
 
 
+def paired_gaps(a: RunRecord, b: RunRecord, metric: str) -> list[float]:
+    """Where ``a`` ended minus where ``b`` ended, seed by seed: lead against lead, the k-th seed
+    run against the k-th (as widgets.seeds.expand makes them), where both finished. Two runs of
+    one seed start from the same weights and, until their settings part, take the same steps, so
+    the gap between them is expected to vary from seed to seed less than where either ends."""
+    gaps = []
+    for x, y in zip([a, *a.seed_runs], [b, *b.seed_runs]):
+        fx, fy = final_value(x, metric), final_value(y, metric)
+        if x.status == y.status == "done" and fx is not None and fy is not None:
+            gaps.append(fx - fy)
+    return gaps
+
+
 def in_spreads(gap: float, spread_: float | None) -> str:
     """A gap said in seed spreads: "0.4 seed spreads", or "" without a spread."""
     if not spread_:
