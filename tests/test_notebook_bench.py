@@ -26,8 +26,12 @@ def test_a_passing_notebook_runs_under_the_profile_with_a_fresh_run_log(tmp_path
         f"pathlib.Path({str(out)!r}).write_text(json.dumps([os.environ['LESSONS_PROFILE'],"
         " os.listdir(os.environ['LESSONS_RUNS'])]))"
     )
-    row = time_notebook(_notebook(tmp_path / "ok.ipynb", code), "ci")
+    row = time_notebook(
+        _notebook(tmp_path / "ok.ipynb", code + "\nprint('done')"), "ci", out=tmp_path / "out"
+    )
     assert row["failed"] is None and row["seconds"] > 0
+    executed = nbformat.read(tmp_path / "out" / "ok.ipynb", as_version=4)
+    assert executed.cells[0].outputs[0]["text"] == "done\n"  # what the reader would see
     assert json.loads(out.read_text()) == ["ci", []]
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +26,9 @@ from nbclient.exceptions import CellExecutionError
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def time_notebook(path: Path, profile: str, timeout: float = 1800) -> dict:
-    """Run one notebook top to bottom; its seconds, and the first failing cell if any."""
+def time_notebook(path: Path, profile: str, timeout: float = 1800, out: Path | None = None) -> dict:
+    """Run one notebook top to bottom; its seconds, and the first failing cell if any. With
+    ``out``, the executed notebook (its printed numbers) is written into that folder."""
     nb = nbformat.read(path, as_version=4)
     with tempfile.TemporaryDirectory(prefix="runs-") as runs:
         os.environ.update(LESSONS_PROFILE=profile, LESSONS_RUNS=runs)
@@ -38,6 +40,9 @@ def time_notebook(path: Path, profile: str, timeout: float = 1800) -> dict:
         except CellExecutionError as e:
             failed = failure(e)
         seconds = time.perf_counter() - t0
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        nbformat.write(nb, out / path.name)
     return {"notebook": path.name, "seconds": round(seconds, 1), "failed": failed}
 
 
@@ -65,14 +70,16 @@ def main() -> None:
     ap.add_argument("notebooks", nargs="*", help="file names in notebooks/ (default: all)")
     ap.add_argument("--profile", default="cpu", choices=["ci", "cpu", "gpu"])
     ap.add_argument("--json", action="store_true", help="one JSON object, not a table")
+    ap.add_argument("--out", type=Path, help="write the executed notebooks into this folder")
     args = ap.parse_args()
     names = args.notebooks or sorted(p.name for p in NOTEBOOKS.glob("[0-9]*.ipynb"))
     rows = []
     for name in names:
-        rows.append(time_notebook(NOTEBOOKS / name, args.profile))
+        rows.append(time_notebook(NOTEBOOKS / name, args.profile, out=args.out))
         if not args.json:
             r = rows[-1]
             print(f"{r['notebook']:42} {r['seconds']:7.1f} s  {r['failed'] or 'checks passed'}")
+            sys.stdout.flush()
     if args.json:
         print(json.dumps({"profile": args.profile, "machine": machine(), "notebooks": rows}))
     else:
