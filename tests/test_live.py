@@ -248,23 +248,23 @@ def test_redraws_are_throttled():
 def test_the_redraw_interval_starts_short_grows_with_age_and_covers_the_draw_cost():
     live = make_live()
     fig = live.figure
-    assert live._request_t0 is None  # no record yet: the first one starts the clock
+    assert live.pacing.started is None  # no record yet: the first one starts the clock
     assert live.redraw_interval(100.0) == fig.min_interval == 0.1  # a slider move: at once
-    assert live._request_t0 == 100.0
+    assert live.pacing.started == 100.0
     assert live.redraw_interval(105.0) == pytest.approx(0.25)  # a twentieth of 5 s
     assert live.redraw_interval(160.0) == fig.max_interval == 0.5  # a long run: capped
-    live._draw_cost = 0.2  # a slow renderer: drawing may take a fifth of the time
+    live.pacing.draw_cost = 0.2  # a slow renderer: drawing may take a fifth of the time
     assert live.redraw_interval(100.0) == pytest.approx(0.8)
-    live.throttle = False
+    live.pacing.throttle = False
     assert live.redraw_interval(160.0) == 0.0
     mpl = make_live(renderer="matplotlib")
-    assert mpl._draw_cost == 0.0  # its first draw's one-off set-up does not count
+    assert mpl.pacing.draw_cost == 0.0  # its first draw's one-off set-up does not count
     assert (mpl.redraw_interval(0.0), mpl.redraw_interval(100.0)) == (0.25, 1.0)
 
 
 def test_redraws_thin_out_as_a_run_ages():
     live = make_live(epochs=15)  # 2 - 4 s on the ci profile, past the cap's second
-    live.redraw_age_share = 0.5  # reach the 0.5 s cap one second into the run
+    live.pacing.age_share = 0.5  # reach the 0.5 s cap one second into the run
     stamps = []
     draw = live.figure.draw
 
@@ -275,7 +275,7 @@ def test_redraws_thin_out_as_a_run_ages():
     live.figure.draw = stamped
     run = live.run_blocking(timeout=120)
     assert run.status == "done"
-    t0 = live._request_t0  # the first record's time
+    t0 = live.pacing.started  # the first record's time
     streamed = [t for t in stamps if t >= t0][:-1]  # the last draw shows the finished run
     assert len(streamed) >= 3
     gaps = [(b, b - a) for a, b in zip(streamed, streamed[1:])]

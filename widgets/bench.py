@@ -50,9 +50,9 @@ def measure(
     from widgets.worker import stop_all
 
     live = start_here(profile, renderer=renderer, replay=False)
-    live.throttle = throttle
+    live.pacing.throttle = throttle
     if not grow:
-        live.redraw_age_share = 0.0  # the interval stays at the figure's min_interval
+        live.pacing.age_share = 0.0  # the interval stays at the figure's min_interval
     live.run_blocking(timeout=600)  # warm: data loaded, kernels compiled
     live.clear()
     if longer > 1:

@@ -31,6 +31,7 @@ from widgets.controls import check_controls, x_axis_toggle
 from widgets.export import export_files
 from widgets.figure import Mark, Trace, choose_renderer, in_kernel, make_figure, shared_yrange
 from widgets.legend import plan as plan_legend
+from widgets.pacing import RedrawPacing
 from widgets.request import Request
 from widgets.runs import RunHistory, RunRecord, load_runs, run_log_path, settings_label
 from widgets.scene import DEFAULT_SERIES, Series, run_traces
@@ -123,10 +124,7 @@ class LiveRun:
         self.front_end_notice = ""  # set when plotly could not display and matplotlib took over
         self.redraws = 0  # figure updates sent: each is one batched message
         self.rebuilds = 0  # deaf plotly figures replaced (_heal_deaf_figures)
-        self.throttle = True  # False: redraw for every record (widgets.bench's baseline)
-        self.redraw_age_share = 1 / 20  # the redraw interval grows by this share of the age
-        self._request_t0: float | None = None  # when the current request's first record came
-        self._draw_cost = 0.0  # seconds the last redraw took in the kernel
+        self.pacing = RedrawPacing()  # how often a streaming run redraws
         self._shown = False  # displayed in a notebook (_ipython_display_)
         self._suppress = False  # run_blocking sets controls without starting runs
         self._draw_lock = threading.Lock()
@@ -134,7 +132,7 @@ class LiveRun:
         self._build_widgets(auto_run)
         self._set_presenter(draw=False)
         self.draw()
-        self._draw_cost = 0.0  # that first draw pays one-off set-up
+        self.pacing.draw_cost = 0.0  # that first draw pays one-off set-up
         register(name, self)  # a re-run cell's new widget stops the old one's training
         hook_kernel_interrupt()
         # while the student reads, not after the first slider move (see lessons.warmup.warm_up)
@@ -326,19 +324,9 @@ class LiveRun:
         self.progress_text.value = status.progress(step, total, elapsed)
 
     def redraw_interval(self, now: float) -> float:
-        """Seconds a streaming run waits between redraws: the figure's min_interval at first,
-        so a slider move shows its curve growing at once; then redraw_age_share of the time
-        since the request's first record (its first call here), up to the figure's
-        max_interval, so a long run costs the browser a bounded number of re-renders; and
-        never less than 4x what the last redraw cost the kernel, so drawing takes at most a
-        fifth of it."""
-        if not self.throttle:
-            return 0.0
-        if self._request_t0 is None:
-            self._request_t0 = now
-        fig = self.figure
-        grown = (now - self._request_t0) * self.redraw_age_share
-        return max(min(fig.max_interval, max(fig.min_interval, grown)), 4 * self._draw_cost)
+        """Seconds a streaming run waits between redraws (widgets.pacing), within the
+        figure's bounds."""
+        return self.pacing.interval(now, self.figure.min_interval, self.figure.max_interval)
 
     def redraw_due(self, last_draw: float, step: int, total: int, t0: float) -> float:
         """While records stream in: the progress line and the figure, once redraw_interval
@@ -367,7 +355,7 @@ class LiveRun:
             if panel is not None:
                 self.panel_figure.draw(*panel)
             self.redraws += 1
-            self._draw_cost = time.perf_counter() - t0
+            self.pacing.draw_cost = time.perf_counter() - t0
 
     # ---- internals
     def _summary(self) -> str:
@@ -380,7 +368,7 @@ class LiveRun:
     def _execute(self, values: dict, stop: threading.Event) -> None:
         """The worker's job: one request (widgets.request)."""
         self.history.new_request()
-        self._request_t0 = None  # redraw_interval starts the clock at the first record
+        self.pacing.restart()  # redraw_interval starts the clock at the first record
         if Request(self, values, stop).execute() and self._track_views:
             # the browser acknowledges edits within milliseconds
             timer = threading.Timer(5.0, self._heal_deaf_figures)
