@@ -185,7 +185,7 @@ def test_schedules_widget_trains_the_null_run_and_seeds_by_default():
         runs["decay lr"], "train_loss"
     )
     assert f"{NS.REFERENCE_NAME} ends {gap:+.3f} from decay lr" in summary, summary
-    curve = NS.mean_curve(runs["decay lr"])  # the seeds' mean, epoch by epoch
+    curve = S.mean_curve(runs["decay lr"])  # the seeds' mean, epoch by epoch
     seeds = [runs["decay lr"], *runs["decay lr"].seed_runs]
     assert curve == pytest.approx(np.mean([epoch_train_loss(r.records) for r in seeds], axis=0))
 

@@ -6,7 +6,6 @@ import functools
 import html
 
 import ipywidgets as W
-import numpy as np
 
 from lessons import noise as N
 from lessons.callbacks import NoiseScale
@@ -109,22 +108,6 @@ def summary(live: LiveRun, n: int) -> str:
     batches = html.escape(momentum_batches(int(v["batch"]), n, float(v["momentum"])))
     claim = html.escape(claim_line(live.last_group))
     return f"<ul>{''.join(rows)}</ul>{claim}<br>{batches}{note}"
-
-
-def epoch_curve(records, metric: str = "train_loss") -> list[float]:
-    """One run's "train_loss" per epoch (epoch_train_loss), or its "val_acc" or "val_loss"
-    at each epoch's evaluation."""
-    if metric == "train_loss":
-        return epoch_train_loss(records)
-    return [getattr(m, metric) for m in records if m.kind == "eval"]
-
-
-def mean_curve(run: RunRecord, metric: str = "train_loss") -> np.ndarray:
-    """A schedule's curve per epoch (epoch_curve), averaged over its finished seeds."""
-    runs = [run, *(r for r in run.seed_runs if r.status == "done")]
-    curves = [epoch_curve(r.records, metric) for r in runs]
-    n = min(len(c) for c in curves)
-    return np.mean([c[:n] for c in curves], axis=0)
 
 
 def claim_line(runs: dict[str, RunRecord]) -> str:

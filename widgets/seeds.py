@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from statistics import fmean
 
+import numpy as np
+
 from lessons.config import TrainConfig, epoch_train_loss
 from widgets.runs import RunRecord
 
@@ -41,23 +43,42 @@ def expand(
 
 
 # --------------------------------------------------------------------------- what a run ended at
-def final_value(run: RunRecord, metric: str) -> float | None:
-    """Where a run ended: "train_loss" (its last epoch's mean training loss), "val_loss" or
-    "val_acc" (its last evaluation); None before there is one."""
-    if metric == "train_loss":
-        curve = epoch_train_loss(run.records)
-        return curve[-1] if curve else None
-    if metric not in ("val_loss", "val_acc"):
+METRICS = ("train_loss", "val_loss", "val_acc")
+
+
+def curve(run: RunRecord, metric: str) -> list[float]:
+    """A run's "train_loss" per epoch (its mean training loss, epoch_train_loss), or its
+    "val_loss" or "val_acc" at each epoch's evaluation."""
+    if metric not in METRICS:
         raise ValueError(f"metric must be train_loss, val_loss or val_acc, got {metric!r}")
-    ev = run.last("eval")
-    return getattr(ev, metric) if ev is not None else None
+    if metric == "train_loss":
+        return epoch_train_loss(run.records)
+    return [getattr(m, metric) for m in run.records if m.kind == "eval"]
+
+
+def final_value(run: RunRecord, metric: str) -> float | None:
+    """Where a run ended: the last point of its ``curve``; None before there is one."""
+    points = curve(run, metric)
+    return points[-1] if points else None
+
+
+def finished_seeds(run: RunRecord) -> list[RunRecord]:
+    """The lead and those of its seed runs that finished."""
+    return [run, *(r for r in run.seed_runs if r.status == "done")]
 
 
 def finals(run: RunRecord, metric: str) -> list[float]:
     """Where the lead and each of its finished seed runs ended."""
-    runs = [run, *(r for r in run.seed_runs if r.status == "done")]
-    values = (final_value(r, metric) for r in runs)
+    values = (final_value(r, metric) for r in finished_seeds(run))
     return [v for v in values if v is not None]
+
+
+def mean_curve(run: RunRecord, metric: str = "train_loss") -> np.ndarray:
+    """The run's ``curve``, epoch by epoch, averaged over its finished seeds (as far as the
+    shortest reaches)."""
+    curves = [curve(r, metric) for r in finished_seeds(run)]
+    n = min(len(c) for c in curves)
+    return np.mean([c[:n] for c in curves], axis=0)
 
 
 def mean_final(run: RunRecord, metric: str) -> float:
