@@ -2,6 +2,7 @@
 empty run log of its own, and reports the first failing cell instead of stopping."""
 
 import json
+import os
 
 import nbformat
 
@@ -26,6 +27,7 @@ def test_a_passing_notebook_runs_under_the_profile_with_a_fresh_run_log(tmp_path
         f"pathlib.Path({str(out)!r}).write_text(json.dumps([os.environ['LESSONS_PROFILE'],"
         " os.listdir(os.environ['LESSONS_RUNS'])]))"
     )
+    runs_before = os.environ.get("LESSONS_RUNS")
     row = time_notebook(
         _notebook(tmp_path / "ok.ipynb", code + "\nprint('done')"), "ci", out=tmp_path / "out"
     )
@@ -33,6 +35,7 @@ def test_a_passing_notebook_runs_under_the_profile_with_a_fresh_run_log(tmp_path
     executed = nbformat.read(tmp_path / "out" / "ok.ipynb", as_version=4)
     assert executed.cells[0].outputs[0]["text"] == "done\n"  # what the reader would see
     assert json.loads(out.read_text()) == ["ci", []]
+    assert os.environ.get("LESSONS_RUNS") == runs_before  # this process's setting is back
 
 
 def test_a_failing_self_check_is_reported_with_its_error(tmp_path):

@@ -3,7 +3,6 @@ notebook runs on the ci profile until a cell that states the lesson's claim asse
 assertion fails. Each case injects its patch as a cell right after the setup cell."""
 
 import copy
-import re
 
 import nbformat
 import pytest
@@ -11,6 +10,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 from tests.conftest import ROOT
+from widgets.notebook_bench import failing_line, plain_traceback
 
 # name: (notebook, the patch that takes the idea out, the assertion that must fail)
 CASES = {
@@ -64,16 +64,20 @@ def _failing_line(name: str, patch: str) -> tuple[str, str]:
     try:
         client.execute()
     except CellExecutionError as e:
-        trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        marked = [ln for ln in trace.splitlines() if re.match(r"\s*-+> ", ln)]
-        return (marked[-1] if marked else trace), e.ename
+        return failing_line(e) or plain_traceback(e), e.ename
     return "", ""
+
+
+def assert_claim_fails(name: str, patch: str, claims: tuple[str, ...]) -> None:
+    """Notebook ``name``, patched, stops with an AssertionError on a line holding one of
+    ``claims`` (the assertions that state the lesson's claim)."""
+    line, error = _failing_line(name, patch)
+    assert error == "AssertionError", (name, error, line)
+    assert any(claim in line for claim in claims), (name, line)
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASES)
 @pytest.mark.usefixtures("private_run_log")
 def test_a_notebooks_check_fails_without_the_lessons_idea(case):
     name, patch, claim = CASES[case]
-    line, error = _failing_line(name, patch)
-    assert error == "AssertionError", (case, error, line)
-    assert claim in line, (case, line)
+    assert_claim_fails(name, patch, (claim,))

@@ -4,7 +4,7 @@ until the cell that states the claim, and its assertion fails there."""
 
 import pytest
 
-from tests.test_self_checks import _failing_line
+from tests.test_self_checks import assert_claim_fails
 
 NOTEBOOK = "04_noise_scale.ipynb"
 
@@ -35,6 +35,4 @@ CASES = {
 @pytest.mark.usefixtures("private_run_log")
 def test_notebook_04s_check_fails_without_the_lessons_idea(case):
     patch, claim = CASES[case]
-    line, error = _failing_line(NOTEBOOK, patch)
-    assert error == "AssertionError", (case, error, line)
-    assert claim in line, (case, line)
+    assert_claim_fails(NOTEBOOK, patch, (claim,))

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import nbformat
 import torch
@@ -30,8 +31,11 @@ def time_notebook(path: Path, profile: str, timeout: float = 1800, out: Path | N
     """Run one notebook top to bottom; its seconds, and the first failing cell if any. With
     ``out``, the executed notebook (its printed numbers) is written into that folder."""
     nb = nbformat.read(path, as_version=4)
-    with tempfile.TemporaryDirectory(prefix="runs-") as runs:
-        os.environ.update(LESSONS_PROFILE=profile, LESSONS_RUNS=runs)
+    # the kernel inherits the profile and the run log; this process's environment is restored
+    with (
+        tempfile.TemporaryDirectory(prefix="runs-") as runs,
+        mock.patch.dict(os.environ, LESSONS_PROFILE=profile, LESSONS_RUNS=runs),
+    ):
         client = NotebookClient(nb, timeout=timeout, resources={"metadata": {"path": path.parent}})
         t0 = time.perf_counter()
         failed = None
@@ -46,12 +50,22 @@ def time_notebook(path: Path, profile: str, timeout: float = 1800, out: Path | N
     return {"notebook": path.name, "seconds": round(seconds, 1), "failed": failed}
 
 
+def plain_traceback(e: CellExecutionError) -> str:
+    """The error's traceback without its terminal colours."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+
+
+def failing_line(e: CellExecutionError) -> str:
+    """The line that raised, as IPython's traceback marks it ("---> 49 assert ..."; the arrow
+    is padded to the line number's width); "" where none is marked."""
+    marked = [ln.strip() for ln in plain_traceback(e).splitlines() if re.match(r"\s*-+> ", ln)]
+    return marked[-1] if marked else ""
+
+
 def failure(e: CellExecutionError) -> str:
-    """The error and the line that raised it, as IPython's traceback marks it."""
-    trace = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-    marked = [ln.strip() for ln in trace.splitlines() if re.match(r"\s*-+> ", ln)]
-    where = f" at {marked[-1]}" if marked else ""
-    return f"{e.ename}: {e.evalue}{where}"[:400]
+    """The error and the line that raised it."""
+    line = failing_line(e)
+    return f"{e.ename}: {e.evalue}{f' at {line}' if line else ''}"[:400]
 
 
 def machine() -> str:
